@@ -1,0 +1,1 @@
+"""Benchmarks, and the plain implementations they (and the tests) compare against."""

@@ -1,0 +1,108 @@
+"""Plain, literal implementations of PatchCore's steps, kept as yardsticks.
+
+They follow DESIGN.md section 1 step by step, the way the reference code does
+it, with no shortcuts. The test suite checks the package against them and the
+benchmarks time the package against them. They are not part of the package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def reference_features(stages, patch_size=3, pretrain_dim=1024, target_dim=1024):
+    """Reference aggregation: unfold -> resize unfolded deeper stages -> pool -> stack -> pool.
+
+    ``stages`` are backbone activations (B, C_l, h_l, w_l); returns (B, h, w, target_dim).
+    """
+    p = patch_size
+    unfolded = []
+    for x in stages:
+        batch, channels, height, width = x.shape
+        u = F.unfold(x, kernel_size=p, padding=(p - 1) // 2, stride=1)
+        unfolded.append(u.reshape(batch, channels, p, p, height, width))
+    ref_h, ref_w = unfolded[0].shape[-2:]
+    for i in range(1, len(unfolded)):
+        u = unfolded[i]
+        batch, channels, _, _, height, width = u.shape
+        u = F.interpolate(
+            u.reshape(-1, 1, height, width), size=(ref_h, ref_w), mode="bilinear", align_corners=False
+        )
+        unfolded[i] = u.reshape(batch, channels, p, p, ref_h, ref_w)
+    per_stage = []
+    for u in unfolded:
+        batch, channels = u.shape[:2]
+        vectors = u.permute(0, 4, 5, 1, 2, 3).reshape(-1, 1, channels * p * p)
+        per_stage.append(F.adaptive_avg_pool1d(vectors, pretrain_dim).squeeze(1))
+    stacked = torch.stack(per_stage, dim=1)
+    fused = F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), target_dim).squeeze(1)
+    return fused.reshape(stages[0].shape[0], ref_h, ref_w, target_dim)
+
+
+def mean_features(stages, patch_size=3, target_dim=None):
+    """Per-channel neighbourhood mean, deeper stages resized, stages concatenated.
+
+    Each location's ``p x p`` neighbourhood is unfolded and averaged literally
+    (zeros outside the map counted); an optional final 1-D adaptive average
+    pool to ``target_dim`` applies only when it shrinks the vector.
+    """
+    p = patch_size
+    ref_h, ref_w = stages[0].shape[-2:]
+    parts = []
+    for x in stages:
+        batch, channels, height, width = x.shape
+        u = F.unfold(x, kernel_size=p, padding=(p - 1) // 2, stride=1)
+        mean = u.reshape(batch, channels, p * p, height, width).mean(dim=2)
+        if (height, width) != (ref_h, ref_w):
+            mean = F.interpolate(mean, size=(ref_h, ref_w), mode="bilinear", align_corners=False)
+        parts.append(mean)
+    fused = torch.cat(parts, dim=1).permute(0, 2, 3, 1)
+    if target_dim is not None and target_dim < fused.shape[-1]:
+        batch = fused.shape[0]
+        flat = fused.reshape(-1, 1, fused.shape[-1])
+        fused = F.adaptive_avg_pool1d(flat, target_dim).reshape(batch, ref_h, ref_w, target_dim)
+    return fused
+
+
+def greedy_coreset(points, n_select, starts):
+    """Plain greedy k-center loop: one distance pass over all points per selected point.
+
+    ``points`` are the projected vectors, ``starts`` the random start indices.
+    The running distance starts as the mean distance to the start points; each
+    step takes the farthest point and lowers every distance with ``min``.
+    """
+    points = np.asarray(points, dtype=np.float32)
+
+    def distances_to(center):
+        diff = points - center
+        return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+    min_dist = np.stack([distances_to(points[s]) for s in starts], axis=1).mean(axis=1)
+    selected = np.empty(n_select, dtype=np.int64)
+    for step in range(n_select):
+        chosen = int(np.argmax(min_dist))
+        selected[step] = chosen
+        min_dist = np.minimum(min_dist, distances_to(points[chosen]))
+    return selected
+
+
+def greedy_coreset_torch(points, n_select, starts):
+    """The reference code's loop in torch: distances by the norm expansion, concatenate, min."""
+    features = torch.as_tensor(points, dtype=torch.float32)
+
+    def batchwise(a, b):
+        a_sq = a.unsqueeze(1).bmm(a.unsqueeze(2)).reshape(-1, 1)
+        b_sq = b.unsqueeze(1).bmm(b.unsqueeze(2)).reshape(1, -1)
+        return (-2 * a.mm(b.T) + a_sq + b_sq).clamp(0, None).sqrt()
+
+    with torch.no_grad():
+        running = torch.mean(batchwise(features, features[list(starts)]), dim=-1).reshape(-1, 1)
+        selected = []
+        for _ in range(n_select):
+            chosen = torch.argmax(running).item()
+            selected.append(chosen)
+            new = batchwise(features, features[chosen : chosen + 1])
+            running = torch.min(torch.cat([running, new], dim=-1), dim=1).values.reshape(-1, 1)
+    return np.array(selected)

@@ -1,0 +1,21 @@
+"""skpatchcore: PatchCore industrial anomaly detection as scikit-learn estimators."""
+
+from ._backbones import BackboneError, known_backbones
+from ._coreset import GreedyCoresetSampler
+from ._detector import PatchCoreDetector
+from ._features import PatchFeatureTransformer
+from ._pipeline import PatchCorePipeline, make_patchcore
+from ._version import __version__
+from .utils._images import ImageReadError
+
+__all__ = [
+    "BackboneError",
+    "GreedyCoresetSampler",
+    "ImageReadError",
+    "PatchCoreDetector",
+    "PatchCorePipeline",
+    "PatchFeatureTransformer",
+    "__version__",
+    "known_backbones",
+    "make_patchcore",
+]

@@ -1,0 +1,372 @@
+"""PatchCoreDetector: memory bank, nearest-neighbour scores, threshold and maps."""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from ._maps import UPSAMPLING_MODES, anomaly_maps
+from ._search import NearestNeighborIndex
+from .utils._device import device_after_load, resolve_device
+from .utils._validation import check_labels, check_patch_features
+
+# Out-of-fold calibration of the threshold scores at most this many query
+# vectors (16 images of 28 x 28 patches), in this many folds.
+_CALIBRATION_QUERIES = 16 * 784
+_CALIBRATION_FOLDS = 4
+# Query vectors searched per step when scoring, to bound memory.
+_SEARCH_CHUNK = 65536
+
+
+class PatchCoreDetector(OutlierMixin, BaseEstimator):
+    """PatchCore anomaly scores from a memory bank of patch features.
+
+    Every patch vector of a test image is scored by its distance to the
+    nearest vector of the memory bank; the image's anomaly score is its largest
+    patch score, optionally re-weighted as in the paper's eq. 7. Scores follow
+    scikit-learn's outlier-detection conventions.
+
+    Parameters
+    ----------
+    n_neighbors : int, default=1
+        Number of nearest bank vectors whose distances are averaged into a
+        patch score (the paper uses 1).
+    reweight_neighbors : int or None, default=None
+        When set to ``b``, the image score ``s*`` of the most anomalous patch
+        ``m_test`` with nearest bank vector ``m*`` is multiplied by
+        ``1 - exp(||m_test - m*||) / sum_{m in N_b(m*)} exp(||m_test - m||)``,
+        where ``N_b(m*)`` are the ``b`` bank vectors nearest to ``m*`` (``m*``
+        itself included), eq. 7 of the paper. None disables it.
+    distance : {"euclidean", "squared"}, default="euclidean"
+        Patch scores as Euclidean distances (the paper) or squared Euclidean
+        distances (what the reference code's faiss search returns).
+    contamination : "auto" or float in (0, 0.5], default="auto"
+        Sets the threshold ``threshold_`` on the anomaly score (see Notes).
+    sigma : float, default=4.0
+        Standard deviation, in output pixels, of the Gaussian that smooths the
+        upsampled maps of :meth:`predict_map`; 0 disables smoothing.
+    upsampling : {"bilinear", "nearest"}, default="bilinear"
+        How patch scores are upsampled to the map size.
+    device : str or torch.device, default="auto"
+        Where the search runs: the CPU (faiss), or CUDA (faiss-gpu when
+        installed, else torch). ``"auto"`` picks CUDA when available.
+
+    Attributes
+    ----------
+    memory_bank_ : ndarray of shape (n_bank, n_features), float32
+        The kept patch vectors of the good training images.
+    calibration_scores_ : ndarray of shape (n_calibration,)
+        Out-of-fold anomaly scores of good training images (see Notes).
+    threshold_ : float
+        Anomaly scores above it are predicted anomalous.
+    offset_ : float
+        ``-threshold_``; ``decision_function = score_samples - offset_``.
+    n_features_in_ : int
+        Length of each patch vector.
+    device_ : torch.device
+        Device the search runs on.
+
+    See Also
+    --------
+    PatchFeatureTransformer : Computes the patch features.
+    GreedyCoresetSampler : Chooses which patches enter the bank.
+    make_patchcore : The three steps in one pipeline, with maps from images.
+
+    Notes
+    -----
+    **Conventions.** :meth:`anomaly_score` is the paper's image score, higher
+    means more anomalous. :meth:`score_samples` is its negative (higher means
+    more normal), :meth:`decision_function` is ``score_samples - offset_``
+    (negative means anomalous) and :meth:`predict` returns +1 (good) or -1
+    (anomalous), as in :class:`~sklearn.ensemble.IsolationForest`.
+
+    **Threshold.** A training image's own patches sit in the bank, so its
+    in-sample score says little about new good images. ``fit`` therefore
+    scores up to 16 good training images (evenly spaced, in 4 folds) against
+    the bank *without their own patches*. With ``contamination="auto"`` the
+    threshold is the largest of these out-of-fold scores; with a float ``c``
+    it is their ``1 - c`` quantile. For production, choose a threshold on
+    held-out images of your own and set it with ``set_threshold``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore import PatchCoreDetector
+    >>> rng = np.random.default_rng(0)
+    >>> train = rng.normal(size=(200, 8)).astype(np.float32)
+    >>> detector = PatchCoreDetector(device="cpu").fit(train)
+    >>> detector.predict(np.array([[0.0] * 8, [9.0] * 8], dtype=np.float32))
+    array([ 1, -1])
+    """
+
+    _parameter_constraints: dict = {
+        "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "reweight_neighbors": [Interval(Integral, 2, None, closed="left"), None],
+        "distance": [StrOptions({"euclidean", "squared"})],
+        "contamination": [StrOptions({"auto"}), Interval(Real, 0.0, 0.5, closed="right")],
+        "sigma": [Interval(Real, 0.0, None, closed="left")],
+        "upsampling": [StrOptions(set(UPSAMPLING_MODES))],
+        "device": [str, torch.device, None],
+    }
+
+    def __init__(
+        self,
+        n_neighbors=1,
+        *,
+        reweight_neighbors=None,
+        distance="euclidean",
+        contamination="auto",
+        sigma=4.0,
+        upsampling="bilinear",
+        device="auto",
+    ):
+        self.n_neighbors = n_neighbors
+        self.reweight_neighbors = reweight_neighbors
+        self.distance = distance
+        self.contamination = contamination
+        self.sigma = sigma
+        self.upsampling = upsampling
+        self.device = device
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Build the memory bank and calibrate the threshold.
+
+        Parameters
+        ----------
+        X : array or masked array of shape (n_images, h, w, n_features) or (n_vectors, n_features)
+            Patch features. Masked patches (as returned by
+            :meth:`GreedyCoresetSampler.fit_transform`) stay out of the bank;
+            all patches of a plain array enter it.
+        y : array of shape (n_images,), default=None
+            Optional labels, +1 good / -1 defective; defective images stay out.
+
+        Returns
+        -------
+        self : PatchCoreDetector
+            The fitted detector.
+        """
+        mask = np.ma.getmask(X)
+        data = check_patch_features(self, X, reset=True)
+        good = check_labels(y, len(data))
+        n_images, n_features = len(data), data.shape[-1]
+        vectors = data.reshape(n_images, -1, n_features)
+        kept = np.ones(vectors.shape[:2], dtype=bool)
+        if mask is not np.ma.nomask:
+            kept &= ~np.asarray(mask).reshape(n_images, -1, n_features)[:, :, 0]
+        if good is not None:
+            kept[~good] = False
+        if not kept.any():
+            raise ValueError(
+                "No patch is left for the memory bank: every patch of every good image is masked."
+            )
+        self.device_ = resolve_device(self.device)
+        self.memory_bank_ = np.ascontiguousarray(vectors[kept])
+        self._index = NearestNeighborIndex(self.memory_bank_, self.device_)
+
+        bank_image = np.nonzero(kept)[0]
+        good_images = np.arange(n_images) if good is None else np.flatnonzero(good)
+        self.calibration_scores_ = self._calibrate(data, good_images, bank_image)
+        if len(self.calibration_scores_):
+            if self.contamination == "auto":
+                threshold = float(self.calibration_scores_.max())
+            else:
+                threshold = float(np.quantile(self.calibration_scores_, 1.0 - self.contamination))
+        else:
+            warnings.warn(
+                "The threshold could not be calibrated out of fold (all bank vectors come from one "
+                "image); it is set from in-sample scores, so predict() will flag nearly every new "
+                "image. Fit on more good images or call set_threshold().",
+                UserWarning,
+                stacklevel=2,
+            )
+            threshold = float(self._scores(data[good_images], self._index)[1].max())
+        self.set_threshold(threshold)
+        return self
+
+    def _calibrate(self, data, good_images, bank_image) -> np.ndarray:
+        """Anomaly scores of good training images against the bank without their own patches."""
+        per_image = int(np.prod(data.shape[1:-1])) if data.ndim > 2 else 1
+        n_calibration = min(len(good_images), max(1, _CALIBRATION_QUERIES // per_image))
+        picks = np.unique(np.linspace(0, len(good_images) - 1, n_calibration).round().astype(int))
+        scores = []
+        for fold in np.array_split(good_images[picks], min(_CALIBRATION_FOLDS, len(picks))):
+            others = ~np.isin(bank_image, fold)
+            if not others.any():
+                continue
+            index = NearestNeighborIndex(self.memory_bank_[others], self.device_)
+            scores.append(self._scores(data[fold], index)[1])
+        return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
+
+    def set_threshold(self, threshold: float) -> PatchCoreDetector:
+        """Set the anomaly-score threshold used by :meth:`predict`.
+
+        Parameters
+        ----------
+        threshold : float
+            Images whose :meth:`anomaly_score` exceeds it are predicted -1.
+
+        Returns
+        -------
+        self : PatchCoreDetector
+            The detector, with ``threshold_`` and ``offset_`` updated.
+        """
+        threshold = float(threshold)
+        if not np.isfinite(threshold):
+            raise ValueError(f"The threshold must be a finite number; got {threshold!r}.")
+        self.threshold_ = threshold
+        self.offset_ = -threshold
+        return self
+
+    def _scores(self, data: np.ndarray, index: NearestNeighborIndex) -> tuple[np.ndarray, np.ndarray]:
+        """Patch scores (n, n_patches) and image scores (n,) of validated features."""
+        n_images, n_features = len(data), data.shape[-1]
+        vectors = data.reshape(n_images, -1, n_features)
+        per_image = vectors.shape[1]
+        patch_scores = np.empty((n_images, per_image), dtype=np.float32)
+        nearest = np.empty((n_images, per_image), dtype=np.int64)
+        images_per_chunk = max(1, _SEARCH_CHUNK // per_image)
+        for start in range(0, n_images, images_per_chunk):
+            chunk = vectors[start : start + images_per_chunk]
+            squared, indices = index.search(chunk.reshape(-1, n_features), self.n_neighbors)
+            dist = np.sqrt(squared) if self.distance == "euclidean" else squared
+            patch_scores[start : start + len(chunk)] = dist.mean(axis=1).reshape(len(chunk), per_image)
+            nearest[start : start + len(chunk)] = indices[:, 0].reshape(len(chunk), per_image)
+
+        worst = patch_scores.argmax(axis=1)
+        rows = np.arange(n_images)
+        image_scores = patch_scores[rows, worst]
+        if self.reweight_neighbors is not None:
+            image_scores = image_scores * self._reweighting(vectors[rows, worst], nearest[rows, worst], index)
+        return patch_scores, image_scores.astype(np.float32)
+
+    def _reweighting(self, worst_patch, nearest, index) -> np.ndarray:
+        """The paper's eq. 7 weight for each image's most anomalous patch."""
+        bank = index.bank
+        _, support = index.search(bank[nearest], self.reweight_neighbors)
+        to_support = np.linalg.norm(worst_patch[:, None, :] - bank[support], axis=2).astype(np.float64)
+        to_nearest = np.linalg.norm(worst_patch - bank[nearest], axis=1).astype(np.float64)
+        shift = to_support.max(axis=1)  # for a numerically stable softmax
+        share = np.exp(to_nearest - shift) / np.exp(to_support - shift[:, None]).sum(axis=1)
+        return (1.0 - share).astype(np.float32)
+
+    def _validated(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        return check_patch_features(self, X, reset=False)
+
+    def anomaly_score(self, X) -> np.ndarray:
+        """Image anomaly scores, higher = more anomalous (the paper's image score).
+
+        Parameters
+        ----------
+        X : array of shape (n_images, h, w, n_features) or (n_vectors, n_features)
+            Patch features.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_images,)
+            Largest patch score of each image (re-weighted if enabled).
+        """
+        return self._scores(self._validated(X), self._index)[1]
+
+    def score_samples(self, X) -> np.ndarray:
+        """Opposite of the anomaly score: higher = more normal.
+
+        Parameters
+        ----------
+        X : array of shape (n_images, h, w, n_features) or (n_vectors, n_features)
+            Patch features.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_images,)
+            ``-anomaly_score(X)``.
+        """
+        return -self.anomaly_score(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        """Shifted opposite of the anomaly score: negative = anomalous.
+
+        Parameters
+        ----------
+        X : array of shape (n_images, h, w, n_features) or (n_vectors, n_features)
+            Patch features.
+
+        Returns
+        -------
+        decision : ndarray of shape (n_images,)
+            ``score_samples(X) - offset_``, i.e. ``threshold_ - anomaly_score(X)``.
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X) -> np.ndarray:
+        """Predict +1 for good and -1 for anomalous images.
+
+        Parameters
+        ----------
+        X : array of shape (n_images, h, w, n_features) or (n_vectors, n_features)
+            Patch features.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_images,)
+            +1 where ``decision_function(X) >= 0``, else -1.
+        """
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def predict_map(self, X, output_size=None, *, return_scores: bool = False):
+        """Anomaly heat maps, higher = more anomalous.
+
+        Parameters
+        ----------
+        X : array of shape (n_images, h, w, n_features)
+            Patch features.
+        output_size : (int, int) or None, default=None
+            ``(H, W)`` of the maps, normally the model input size. The patch
+            scores are upsampled (``upsampling``) and smoothed with a Gaussian of
+            ``sigma`` pixels. None returns the raw (h, w) patch-score grid.
+        return_scores : bool, default=False
+            Also return the image anomaly scores (computed in the same pass).
+
+        Returns
+        -------
+        maps : ndarray of shape (n_images, H, W), float32
+            The heat maps.
+        scores : ndarray of shape (n_images,)
+            Only when ``return_scores=True``: :meth:`anomaly_score` of each image.
+        """
+        data = self._validated(X)
+        patch_scores, image_scores = self._scores(data, self._index)
+        grid = data.shape[1:3] if data.ndim == 4 else (1, 1)
+        maps = patch_scores.reshape(len(data), *grid)
+        if output_size is not None:
+            maps = anomaly_maps(
+                maps, tuple(output_size), sigma=self.sigma, upsampling=self.upsampling, device=self.device_
+            )
+        return (maps, image_scores) if return_scores else maps
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = False
+        return tags
+
+    # The faiss / torch index is native state: it is dropped when pickling and
+    # rebuilt from memory_bank_ on load, on CUDA only where CUDA exists.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_index", None)
+        if "device_" in state:
+            state["device_"] = str(self.device_)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "memory_bank_" in state:
+            self.device_ = device_after_load(state["device_"], type(self).__name__)
+            self._index = NearestNeighborIndex(self.memory_bank_, self.device_)

