@@ -7,11 +7,13 @@ from ._features import PatchFeatureTransformer
 from ._pipeline import PatchCorePipeline, make_patchcore
 from ._version import __version__
 from .utils._images import ImageReadError
+from .utils._pickling import ModelVersionWarning
 
 __all__ = [
     "BackboneError",
     "GreedyCoresetSampler",
     "ImageReadError",
+    "ModelVersionWarning",
     "PatchCoreDetector",
     "PatchCorePipeline",
     "PatchFeatureTransformer",

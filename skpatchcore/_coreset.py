@@ -13,6 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from .utils._device import resolve_device
+from .utils._pickling import VersionedPickleMixin
 from .utils._validation import check_labels, check_patch_features
 
 # Safety margins of the batched bound (see greedy_indices_cpu). SLACK is relative
@@ -151,7 +152,7 @@ def greedy_indices_torch(
     return selected.cpu().numpy()
 
 
-class GreedyCoresetSampler(TransformerMixin, BaseEstimator):
+class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator):
     """Greedy coreset of patch features: the vectors that enter the memory bank.
 
     The greedy (minimax facility location, k-center) coreset of PatchCore
@@ -318,7 +319,8 @@ class GreedyCoresetSampler(TransformerMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.three_d_array = True
+        # Features are float32 end to end (the bank and the faiss search are float32).
+        tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
 
 

@@ -14,6 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._maps import UPSAMPLING_MODES, anomaly_maps
 from ._search import NearestNeighborIndex
 from .utils._device import device_after_load, resolve_device
+from .utils._pickling import VersionedPickleMixin
 from .utils._validation import check_labels, check_patch_features
 
 # Out-of-fold calibration of the threshold scores at most this many query
@@ -24,7 +25,7 @@ _CALIBRATION_FOLDS = 4
 _SEARCH_CHUNK = 65536
 
 
-class PatchCoreDetector(OutlierMixin, BaseEstimator):
+class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     """PatchCore anomaly scores from a memory bank of patch features.
 
     Every patch vector of a test image is scored by its distance to the
@@ -351,22 +352,15 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             )
         return (maps, image_scores) if return_scores else maps
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.three_d_array = False
-        return tags
-
     # The faiss / torch index is native state: it is dropped when pickling and
     # rebuilt from memory_bank_ on load, on CUDA only where CUDA exists.
-    def __getstate__(self):
-        state = self.__dict__.copy()
+    def _pickle_state(self, state):
         state.pop("_index", None)
         if "device_" in state:
             state["device_"] = str(self.device_)
         return state
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if "memory_bank_" in state:
-            self.device_ = device_after_load(state["device_"], type(self).__name__)
+    def _after_unpickle(self):
+        if "memory_bank_" in self.__dict__:
+            self.device_ = device_after_load(self.device_, type(self).__name__)
             self._index = NearestNeighborIndex(self.memory_bank_, self.device_)

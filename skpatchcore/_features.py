@@ -19,9 +19,10 @@ from ._aggregation import AGGREGATIONS, aggregate, build_stage_maps
 from ._backbones import BackboneError, build_backbone, fingerprint
 from .utils._device import device_after_load, resolve_device
 from .utils._images import Geometry, check_images
+from .utils._pickling import VersionedPickleMixin
 
 
-class PatchFeatureTransformer(TransformerMixin, BaseEstimator):
+class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstimator):
     """Locally aware patch features from a frozen, pretrained CNN.
 
     Each image is resized and centre-cropped, passed through the backbone up to
@@ -284,23 +285,18 @@ class PatchFeatureTransformer(TransformerMixin, BaseEstimator):
     # Pickling: a named backbone is rebuilt from its name and weights on load
     # (checked against the stored fingerprint) instead of being stored; a
     # user's own module is stored on the CPU. Either way no CUDA tensor is pickled.
-    def __getstate__(self):
-        state = self.__dict__.copy()
+    def _pickle_state(self, state):
         state.pop("_stage_maps", None)
         if "backbone_" in state:
-            if isinstance(self.backbone, str):
-                state["backbone_"] = None
-            else:
-                state["backbone_"] = _cpu_copy(self.backbone_)
+            state["backbone_"] = None if isinstance(self.backbone, str) else _cpu_copy(self.backbone_)
             state["device_"] = str(self.device_)
         return state
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        if "backbone_" not in state:
+    def _after_unpickle(self):
+        if "backbone_" not in self.__dict__:
             return
-        self.device_ = device_after_load(state["device_"], type(self).__name__)
-        extractor = state["backbone_"]
+        self.device_ = device_after_load(self.device_, type(self).__name__)
+        extractor = self.backbone_
         if extractor is None:
             extractor = build_backbone(self.backbone, self.layers, self.weights)
             if fingerprint(extractor) != self.backbone_fingerprint_:

@@ -108,7 +108,9 @@ class Geometry:
         ``(H, W, C)`` in ``[0, 1]`` (resized channel by channel as PIL "F"
         images, so no rounding to 8 bits happens). With ``mask=True`` the
         result is binarised at 0.5 after the same bilinear resize, so masks
-        follow exactly the geometry of their images.
+        follow exactly the geometry of their images; a mask must then be an
+        "L" image with 0 for background and 255 for defect
+        (:func:`skpatchcore.datasets.load_masks` converts other encodings).
         """
         if isinstance(image, np.ndarray):
             height, width = image.shape[:2]
@@ -179,9 +181,13 @@ def open_image(path, index: int = 0) -> Image.Image:
         raise ImageReadError(f"{where}: refused, too many pixels ({exc}).") from None
     except OSError as exc:
         raise ImageReadError(f"{where}: cannot be read ({exc}).") from None
-    _check_mode(image.mode, where)
-    if image.width < 1 or image.height < 1:
-        raise ImageReadError(f"{where}: has no pixels ({image.width}x{image.height}).")
+    try:
+        _check_mode(image.mode, where)
+        if image.width < 1 or image.height < 1:
+            raise ImageReadError(f"{where}: has no pixels ({image.width}x{image.height}).")
+    except ImageReadError:
+        image.close()
+        raise
     return image
 
 
@@ -387,4 +393,9 @@ def image_paths_in(folder, *, recursive: bool = False) -> list[Path]:
     folder = Path(folder)
     pattern = "**/*" if recursive else "*"
     suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in suffixes)
+    # "._name" files are macOS resource forks, not images.
+    return sorted(
+        p
+        for p in folder.glob(pattern)
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("._")
+    )

@@ -1,0 +1,605 @@
+"""The ``skpatchcore`` command: fit, predict, evaluate and demo, without writing code.
+
+::
+
+    skpatchcore fit DATA_DIR -o MODEL          fit on the good images of a folder
+    skpatchcore predict MODEL IMAGES_OR_DIR    scores.csv and heat-map overlays
+    skpatchcore evaluate MODEL DATA_DIR        metrics, metrics.json and report.png
+    skpatchcore demo                           all of the above on generated data
+
+``python -m skpatchcore`` is the same command. Mistakes in the input (a
+missing folder, a file that is not an image, a model file that is not ours,
+an unknown backbone, ...) end with one line ``skpatchcore: error: ...`` on
+stderr and exit status 2; ``--traceback`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import _report
+from ._backbones import OFFLINE_BACKBONES, BackboneError
+from ._coreset import GreedyCoresetSampler
+from ._demo import make_demo_dataset
+from ._features import PatchFeatureTransformer
+from ._pipeline import PatchCorePipeline, make_patchcore
+from ._version import __version__
+from .datasets import _reworded, load_masks, load_mvtec_category
+from .metrics import aupro, image_auroc, pixel_auroc
+from .utils._images import ImageReadError, image_paths_in, open_image
+
+__all__ = ["main"]
+
+_PROG = "skpatchcore"
+_IMAGE_SUFFIXES = ".png, .jpg, .jpeg, .bmp, .tif, .tiff, .webp"
+_DEMO_BACKBONE = "efficientnet_lite0"
+_DEMO_MODEL_NAME = "model.skpatchcore"
+_DEMO_DATA_NAME = "synthetic_plates"
+# Errors that come from what the user gave us; anything else is a bug and
+# keeps its traceback.
+_USER_ERRORS = (ValueError, TypeError, OSError, ImageReadError, BackboneError)
+
+
+class ModelFileError(ValueError):
+    """A file given as a model was not written by ``skpatchcore fit``."""
+
+
+# --------------------------------------------------------------------------
+# Model files: the only place that reads or writes them.
+# --------------------------------------------------------------------------
+
+_MODEL_KEY = "skpatchcore_model"
+
+
+def _save_model(model: PatchCorePipeline, path) -> None:
+    """Write a fitted pipeline to ``path`` (creating its folder)."""
+    import joblib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    joblib.dump({_MODEL_KEY: __version__, "model": model}, path)
+
+
+def _load_model(path) -> PatchCorePipeline:
+    """Read a pipeline written by :func:`_save_model`; any other file is a :class:`ModelFileError`."""
+    import joblib
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"The model file {os.fspath(path)!r} does not exist.")
+    if not path.is_file():
+        raise ModelFileError(f"The model {os.fspath(path)!r} is a folder; give the file written by 'fit'.")
+    try:
+        content = joblib.load(path)
+    except BackboneError:
+        raise  # our model, but its backbone cannot be rebuilt here: that message says why
+    except Exception as exc:  # noqa: BLE001 - whatever a foreign file makes the unpickler raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(
+            f"{os.fspath(path)!r} is not a skpatchcore model file (reading it failed: {reason}); "
+            "give a file written by 'skpatchcore fit'."
+        ) from None
+    if not (
+        isinstance(content, dict)
+        and _MODEL_KEY in content
+        and isinstance(content.get("model"), PatchCorePipeline)
+    ):
+        raise ModelFileError(
+            f"{os.fspath(path)!r} is not a skpatchcore model file; give a file written by 'skpatchcore fit'."
+        )
+    return content["model"]
+
+
+# --------------------------------------------------------------------------
+# Input files
+# --------------------------------------------------------------------------
+
+
+def _check_readable(paths) -> None:
+    """Open every image's header, so that a bad file is named before any work starts."""
+    for path in paths:
+        try:
+            open_image(path).close()
+        except ImageReadError as exc:
+            raise _reworded(exc, path, "image") from None
+
+
+def _training_images(data_dir) -> tuple[list[str], Path]:
+    """Good images to fit on: ``train/good`` of a category folder, else the folder's own images."""
+    folder = Path(data_dir)
+    if not folder.exists():
+        raise FileNotFoundError(f"The data folder {os.fspath(data_dir)!r} does not exist.")
+    if not folder.is_dir():
+        raise ValueError(f"The data folder {os.fspath(data_dir)!r} is a file; give a folder of good images.")
+    if (folder / "train" / "good").is_dir():
+        folder = folder / "train" / "good"
+    paths = [os.fspath(path) for path in image_paths_in(folder)]
+    if not paths:
+        raise ValueError(
+            f"The folder {os.fspath(folder)!r} holds no image files ({_IMAGE_SUFFIXES}); give an MVTec AD "
+            "category folder (with train/good) or a folder of good images."
+        )
+    _check_readable(paths)
+    return paths, folder
+
+
+def _images_to_predict(inputs, recursive: bool) -> list[tuple[str, str]]:
+    """``(image path, overlay file name)`` for every image file given or found in a given folder."""
+    found: list[tuple[str, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images = image_paths_in(path, recursive=recursive)
+            if not images:
+                hint = ""
+                if not recursive and image_paths_in(path, recursive=True):
+                    hint = "; its sub-folders do: add --recursive"
+                raise ValueError(f"The folder {item!r} holds no image files ({_IMAGE_SUFFIXES}){hint}.")
+            found.extend((os.fspath(image), image.relative_to(path)) for image in images)
+        elif path.exists():
+            found.append((os.fspath(item), Path(path.name)))
+        else:
+            raise FileNotFoundError(f"{item!r}: no such image file or folder.")
+    _check_readable([image for image, _ in found])
+
+    named, used = [], set()
+    for image, relative in found:
+        stem = "_".join(relative.with_suffix("").parts)
+        name, copy = f"{stem}.png", 1
+        while name in used:
+            name, copy = f"{stem}_{copy}.png", copy + 1
+        used.add(name)
+        named.append((image, name))
+    return named
+
+
+# --------------------------------------------------------------------------
+# The work behind each command
+# --------------------------------------------------------------------------
+
+
+def _fit(paths, params: dict, verbose: int) -> PatchCorePipeline:
+    backbone = params.get("backbone", PatchFeatureTransformer().backbone)
+    model = make_patchcore(**params, verbose=verbose)
+    try:
+        model.fit(paths)
+    except BackboneError as exc:
+        if backbone in OFFLINE_BACKBONES:
+            raise
+        raise BackboneError(
+            f"{exc} On the command line: --backbone {_DEMO_BACKBONE} needs no download, "
+            "or give --weights PATH."
+        ) from None
+    return model
+
+
+def _describe_fit(model: PatchCorePipeline) -> str:
+    features, detector = model.named_steps["features"], model.named_steps["detector"]
+    bank = detector.memory_bank_
+    return (
+        f"Memory bank: {bank.shape[0]} patch vectors of {bank.shape[1]} values "
+        f"(backbone {features.backbone}, layers {list(features.layers_)}); "
+        f"threshold on the anomaly score: {detector.threshold_:.4g}"
+    )
+
+
+def _decisions(model: PatchCorePipeline, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``decision_function`` and ``predict`` values from anomaly scores, as the detector computes them."""
+    detector = model.named_steps["detector"]
+    decision = -scores - detector.offset_
+    return decision, np.where(decision >= 0, 1, -1)
+
+
+def _predict(
+    model: PatchCorePipeline, images: list[tuple[str, str]], out: Path, verbose: int
+) -> tuple[Path, int]:
+    """Write ``scores.csv`` and one overlay per image under ``out``.
+
+    Returns the CSV path and the number of images predicted anomalous.
+    """
+    paths = [image for image, _ in images]
+    maps, scores = model.predict_map(paths, return_scores=True)
+    decision, labels = _decisions(model, scores)
+    geometry = model.named_steps["features"].geometry_
+    threshold = model.named_steps["detector"].threshold_
+    overlay_dir = out / "overlays"
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "scores.csv"
+    with open(csv_path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["path", "anomaly_score", "decision", "label", "overlay"])
+        progress = tqdm(images, desc="Writing overlays", unit="img", disable=not verbose)
+        for index, (image, name) in enumerate(progress):
+            overlay_path = overlay_dir / name
+            _report.write_overlay(overlay_path, image, maps[index], geometry, threshold)
+            writer.writerow(
+                [
+                    image,
+                    repr(float(scores[index])),
+                    repr(float(decision[index])),
+                    int(labels[index]),
+                    overlay_path,
+                ]
+            )
+    return csv_path, int(np.sum(labels == -1))
+
+
+def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) -> dict:
+    """Metrics on an MVTec AD category; writes metrics.json, scores.csv and report.png under ``out``."""
+    data = load_mvtec_category(data_dir)
+    _check_readable(data.test_paths)
+    labels = data.test_labels
+    n_good, n_defective = int(np.sum(labels == 1)), int(np.sum(labels == -1))
+    if n_good == 0 or n_defective == 0:
+        raise ValueError(
+            f"Evaluating needs good and defective test images; {os.path.join(data.path, 'test')!r} holds "
+            f"{n_good} good and {n_defective} defective images."
+        )
+    features = model.named_steps["features"]
+    masks = load_masks(
+        data.test_mask_paths, data.test_paths, image_size=features.image_size, crop_size=features.crop_size
+    )
+    maps, scores = model.predict_map(data.test_paths, return_scores=True)
+    decision, predicted = _decisions(model, scores)
+    threshold = model.named_steps["detector"].threshold_
+
+    by_type = {}
+    for defect_type in sorted(set(data.test_defect_types) - {"good"}):
+        keep = np.isin(data.test_defect_types, ["good", defect_type])
+        by_type[defect_type] = image_auroc(labels[keep], scores[keep])
+    metrics = {
+        "image_auroc": image_auroc(labels, scores),
+        "pixel_auroc": pixel_auroc(masks, maps),
+        "aupro": aupro(masks, maps),
+        "image_auroc_by_defect_type": by_type,
+        "threshold": threshold,
+        "defective_flagged": int(np.sum(predicted[labels == -1] == -1)),
+        "good_flagged": int(np.sum(predicted[labels == 1] == -1)),
+        "n_good": n_good,
+        "n_defective": n_defective,
+        "category": data.name,
+        "data": os.fspath(data.path),
+        "model": model_name,
+        "image_size": features.image_size,
+        "crop_size": features.crop_size,
+        "skpatchcore_version": __version__,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(out / "scores.csv", "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["path", "defect_type", "true_label", "anomaly_score", "decision", "label"])
+        for row in zip(data.test_paths, data.test_defect_types, labels, scores, decision, predicted):
+            path, defect_type, truth, score, value, label = row
+            writer.writerow(
+                [path, defect_type, int(truth), repr(float(score)), repr(float(value)), int(label)]
+            )
+    _report.write_report(
+        out / "report.png",
+        title=f"skpatchcore evaluation: {data.name} ({n_good} good, {n_defective} defective test images)",
+        labels=labels,
+        scores=scores,
+        threshold=threshold,
+        metrics={
+            "image AUROC": metrics["image_auroc"],
+            "pixel AUROC": metrics["pixel_auroc"],
+            "AUPRO (FPR 0.3)": metrics["aupro"],
+            "threshold": threshold,
+            "defective flagged": f"{metrics['defective_flagged']} / {n_defective}",
+            "good flagged": f"{metrics['good_flagged']} / {n_good}",
+        },
+        image_paths=data.test_paths,
+        maps=maps,
+        mask_paths=data.test_mask_paths,
+        geometry=features.geometry_,
+    )
+    return metrics
+
+
+def _metrics_table(metrics: dict) -> str:
+    rows = [
+        ("image AUROC", metrics["image_auroc"]),
+        ("pixel AUROC", metrics["pixel_auroc"]),
+        ("AUPRO", metrics["aupro"]),
+    ]
+    rows += [
+        (f"  image AUROC, {name}", value) for name, value in metrics["image_auroc_by_defect_type"].items()
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    lines += [f"{name:<{width}}  {value:.3f}" for name, value in rows]
+    lines.append(
+        f"At the threshold {metrics['threshold']:.4g}: {metrics['defective_flagged']} of "
+        f"{metrics['n_defective']} defective and {metrics['good_flagged']} of {metrics['n_good']} good "
+        "images flagged as anomalous."
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------
+
+
+def _verbosity(args) -> int:
+    return 0 if args.quiet else 1
+
+
+def _loaded(path, verbose: int) -> PatchCorePipeline:
+    model = _load_model(path)
+    return model.set_params(features__verbose=verbose)
+
+
+def _command_fit(args) -> None:
+    start = time.perf_counter()
+    paths, folder = _training_images(args.data_dir)
+    params = {
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "image_size": args.image_size,
+        "crop_size": args.crop_size,
+        "ratio": args.ratio,
+        "device": args.device,
+        "random_state": args.seed,
+    }
+    if args.layers is not None:
+        params["layers"] = args.layers
+    _say(f"Fitting PatchCore on {len(paths)} good images from {os.fspath(folder)}")
+    model = _fit(paths, params, _verbosity(args))
+    _save_model(model, args.output)
+    _say(_describe_fit(model))
+    _say(f"Model written to {args.output} ({time.perf_counter() - start:.1f} s)")
+
+
+def _command_predict(args) -> None:
+    images = _images_to_predict(args.images, args.recursive)
+    model = _loaded(args.model, _verbosity(args))
+    csv_path, n_flagged = _predict(model, images, Path(args.out), _verbosity(args))
+    _say(f"{n_flagged} of {len(images)} images flagged as anomalous.")
+    _say(f"Scores: {csv_path}")
+    _say(f"Heat-map overlays: {Path(args.out) / 'overlays'}")
+
+
+def _command_evaluate(args) -> None:
+    model = _loaded(args.model, _verbosity(args))
+    out = Path(args.out)
+    metrics = _evaluate(model, args.data_dir, out, os.fspath(args.model))
+    _say(_metrics_table(metrics))
+    for name in ("metrics.json", "report.png", "scores.csv"):
+        _say(f"Wrote {out / name}")
+
+
+def _command_demo(args) -> None:
+    start = time.perf_counter()
+    verbose = _verbosity(args)
+    out = Path(args.out)
+    if args.data is None:
+        data_dir = make_demo_dataset(out / _DEMO_DATA_NAME)
+        _say(f"Generated synthetic demo images (textured metal with scratches, spots, cracks) in {data_dir}")
+    else:
+        data_dir = Path(args.data)
+    data = load_mvtec_category(data_dir)
+    _check_readable(data.train_paths)
+    _say(
+        f"Fitting PatchCore ({_DEMO_BACKBONE}, coreset ratio 0.1, seed 0) on "
+        f"{len(data.train_paths)} good images of {data.name}"
+    )
+    model = _fit(data.train_paths, {"backbone": _DEMO_BACKBONE, "ratio": 0.1, "random_state": 0}, verbose)
+    _say(_describe_fit(model))
+    model_path = out / _DEMO_MODEL_NAME
+    _save_model(model, model_path)
+
+    _say(f"Evaluating on {len(data.test_paths)} test images")
+    metrics = _evaluate(model, data_dir, out / "evaluation", os.fspath(model_path))
+    _say(_metrics_table(metrics))
+
+    _say("Predicting the test folder")
+    images = _images_to_predict([os.path.join(data_dir, "test")], recursive=True)
+    csv_path, _ = _predict(model, images, out / "predictions", verbose)
+
+    _say(f"\nDone in {time.perf_counter() - start:.0f} s. Outputs:")
+    outputs = [("data", data_dir), ("model", model_path)]
+    outputs += [(name, out / "evaluation" / name) for name in ("metrics.json", "report.png", "scores.csv")]
+    outputs += [("scores", csv_path), ("overlays", out / "predictions" / "overlays")]
+    for name, path in outputs:
+        _say(f"  {name:<12} {os.fspath(path)}")
+    _say(
+        "Next: 'skpatchcore fit YOUR_DATA -o model.skpatchcore --backbone efficientnet_lite0', then "
+        "'skpatchcore predict model.skpatchcore IMAGES'."
+    )
+
+
+# --------------------------------------------------------------------------
+# Argument parsing
+# --------------------------------------------------------------------------
+
+
+def _size(text: str):
+    """``--image-size`` / ``--crop-size`` values: N, HEIGHTxWIDTH or none."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        values = [int(part) for part in text.lower().split("x")]
+    except ValueError:
+        values = []
+    if len(values) in (1, 2) and all(value >= 1 for value in values):
+        return values[0] if len(values) == 1 else tuple(values)
+    raise argparse.ArgumentTypeError(f"expected N, HEIGHTxWIDTH (e.g. 256x320) or 'none'; got {text!r}")
+
+
+def _layers(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer names; got {text!r}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``skpatchcore`` command."""
+    features, coreset = PatchFeatureTransformer(), GreedyCoresetSampler()
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="PatchCore anomaly detection: fit on photos of good parts, then score new photos "
+        "and see where they differ.",
+        epilog="Start with 'skpatchcore demo'. Each command has its own --help.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--traceback", action="store_true", help="on an error, show the full traceback (for bug reports)"
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    fit = commands.add_parser(
+        "fit",
+        parents=[common],
+        help="fit a model on good images",
+        description="Fit PatchCore on defect-free images and save the model.",
+    )
+    fit.add_argument(
+        "data_dir",
+        metavar="DATA_DIR",
+        help="an MVTec AD category folder (its train/good images are used) or a folder of good images",
+    )
+    fit.add_argument("-o", "--output", metavar="MODEL", required=True, help="model file to write")
+    fit.add_argument(
+        "--backbone",
+        default=features.backbone,
+        help=f"CNN backbone (default: %(default)s, downloads ImageNet weights once; "
+        f"{', '.join(OFFLINE_BACKBONES)} need no download)",
+    )
+    fit.add_argument(
+        "--layers", type=_layers, metavar="A,B", help="backbone layers to tap (default: the backbone's own)"
+    )
+    fit.add_argument(
+        "--weights",
+        default=features.weights,
+        metavar="PATH",
+        help="local state_dict file of the backbone, instead of the ImageNet weights (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--ratio",
+        type=float,
+        default=coreset.ratio,
+        help="share of training patches kept in the memory bank, in (0, 1] (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--image-size",
+        type=_size,
+        default=features.image_size,
+        metavar="N|HxW|none",
+        help="resize the shorter side to N pixels, or to exactly HxW; none: keep it (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--crop-size",
+        type=_size,
+        default=features.crop_size,
+        metavar="N|HxW|none",
+        help="centre crop after resizing; none inspects the whole image (default: %(default)s)",
+    )
+    fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    fit.add_argument(
+        "--seed", type=int, default=0, help="seed of the coreset sampling (default: %(default)s)"
+    )
+    fit.set_defaults(handler=_command_fit)
+
+    predict = commands.add_parser(
+        "predict",
+        parents=[common],
+        help="score images and draw heat maps",
+        description="Score images with a fitted model. Writes scores.csv (path, anomaly_score, decision, "
+        "label: +1 good / -1 anomalous) and, per image, a heat-map overlay at the image's original size.",
+    )
+    predict.add_argument(
+        "model", metavar="MODEL", help="a model file written by 'fit' (load only files you trust)"
+    )
+    predict.add_argument(
+        "images", metavar="IMAGES_OR_DIR", nargs="+", help="image files and/or folders of images"
+    )
+    predict.add_argument(
+        "--out", default="skpatchcore-predictions", metavar="DIR", help="output folder (default: %(default)s)"
+    )
+    predict.add_argument("-r", "--recursive", action="store_true", help="also take images in sub-folders")
+    predict.set_defaults(handler=_command_predict)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        parents=[common],
+        help="metrics and a report on a labelled test set",
+        description="Evaluate a fitted model on the test images of an MVTec AD category folder: image AUROC, "
+        "pixel AUROC and AUPRO on screen, plus metrics.json, scores.csv and a one-page report.png.",
+    )
+    evaluate.add_argument(
+        "model", metavar="MODEL", help="a model file written by 'fit' (load only files you trust)"
+    )
+    evaluate.add_argument(
+        "data_dir", metavar="DATA_DIR", help="an MVTec AD category folder (test/ and ground_truth/)"
+    )
+    evaluate.add_argument(
+        "--out", default="skpatchcore-evaluation", metavar="DIR", help="output folder (default: %(default)s)"
+    )
+    evaluate.set_defaults(handler=_command_evaluate)
+
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="run everything on generated demo data",
+        description=f"Generate a small synthetic data set (textured metal parts with scratches, spots and "
+        f"cracks), fit with the offline backbone {_DEMO_BACKBONE}, evaluate, predict the test images and "
+        "save the model. No download needed.",
+    )
+    demo.add_argument(
+        "--data", metavar="DIR", help="use this MVTec AD category folder instead of generated data"
+    )
+    demo.add_argument(
+        "--out", default="skpatchcore-demo", metavar="DIR", help="output folder (default: %(default)s)"
+    )
+    demo.set_defaults(handler=_command_demo)
+    return parser
+
+
+def _say(*lines) -> None:
+    """Print to stdout now, so that messages and the progress bars on stderr stay in order."""
+    print(*lines, sep="\n", flush=True)
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+def main(argv=None) -> int:
+    """Run the ``skpatchcore`` command; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{_PROG}: warning: {_one_line(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            args.handler(args)
+        except _USER_ERRORS as exc:
+            if args.traceback:
+                raise
+            print(f"{_PROG}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{_PROG}: interrupted", file=sys.stderr)
+            return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

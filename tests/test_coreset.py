@@ -1,0 +1,154 @@
+"""GreedyCoresetSampler: the plain greedy loop's indices, fast, inside a Pipeline contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.plain import greedy_coreset
+from skpatchcore import GreedyCoresetSampler
+from skpatchcore._coreset import _greedy, greedy_indices_cpu, greedy_indices_torch
+
+from .conftest import textured_parts
+
+
+def clustered_points(n=3000, dims=32, seed=0):
+    """Points around a few centres in a low-dimensional subspace, plus noise."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(6, dims))
+    centres = rng.normal(scale=4.0, size=(12, 6))
+    labels = rng.integers(0, 12, n)
+    latent = centres[labels] + rng.normal(size=(n, 6))
+    return (latent @ basis + 0.3 * rng.normal(size=(n, dims))).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        np.random.default_rng(0).normal(size=(2000, 16)).astype(np.float32),
+        clustered_points(),
+        # exact duplicates and ties: whole groups of identical points
+        np.repeat(np.random.default_rng(1).normal(size=(150, 8)).astype(np.float32), 7, axis=0),
+        # a grid: many equal distances
+        np.stack(np.meshgrid(np.arange(30), np.arange(30)), axis=-1).reshape(-1, 2).astype(np.float32),
+    ],
+    ids=["gaussian", "clustered", "duplicates", "grid"],
+)
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
+def test_fast_loop_selects_exactly_the_plain_loops_indices(points, fraction):
+    n_select = max(1, int(len(points) * fraction))
+    starts = np.random.default_rng(2).choice(len(points), 10, replace=False)
+    fast = greedy_indices_cpu(points, n_select, starts)
+    np.testing.assert_array_equal(fast, greedy_coreset(points, n_select, starts))
+
+
+def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features):
+    images = textured_parts(8, seed=11)
+    vectors = lite_features.transform(images).reshape(-1, 1024)
+    rng = np.random.RandomState(0)
+    projected = vectors @ (rng.standard_normal((1024, 128)).astype(np.float32) / np.sqrt(128))
+    starts = rng.choice(len(projected), 10, replace=False)
+    for n_select in (5, 51, 256):
+        np.testing.assert_array_equal(
+            greedy_indices_cpu(projected, n_select, starts), greedy_coreset(projected, n_select, starts)
+        )
+
+
+def test_torch_loop_agrees_with_numpy_loop():
+    points = clustered_points(1500, 16, seed=4)
+    starts = np.arange(10)
+    numpy_indices = greedy_indices_cpu(points, 60, starts)
+    torch_indices = greedy_indices_torch(torch.from_numpy(points), 60, torch.from_numpy(starts))
+    np.testing.assert_array_equal(torch_indices, numpy_indices)
+
+
+def test_sampler_projects_and_seeds_without_global_state():
+    X = clustered_points(2000, 256, seed=5)
+    np.random.seed(0)  # noqa: NPY002 - the global RNG must not matter
+    first = GreedyCoresetSampler(ratio=0.05, random_state=3, device="cpu").fit(X).sample_indices_
+    np.random.seed(12345)  # noqa: NPY002
+    second = GreedyCoresetSampler(ratio=0.05, random_state=3, device="cpu").fit(X).sample_indices_
+    other = GreedyCoresetSampler(ratio=0.05, random_state=4, device="cpu").fit(X).sample_indices_
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, other)
+    # the same selection, spelled out: project with the seeded Gaussian map, then the plain loop
+    rng = np.random.RandomState(3)
+    expected = _greedy(X, 100, 128, 10, rng, torch.device("cpu"), None)
+    np.testing.assert_array_equal(first, expected)
+
+
+def test_sampler_keeps_int_of_ratio_times_patches_and_at_least_one():
+    X = clustered_points(1000, 8)
+    assert len(GreedyCoresetSampler(ratio=0.1, random_state=0).fit(X).sample_indices_) == 100
+    assert len(GreedyCoresetSampler(ratio=0.0001, random_state=0).fit(X).sample_indices_) == 1
+    everything = GreedyCoresetSampler(ratio=1.0).fit(X).sample_indices_
+    np.testing.assert_array_equal(np.sort(everything), np.arange(1000))
+
+
+def test_small_features_skip_the_projection():
+    X = clustered_points(800, 16)
+    sampler = GreedyCoresetSampler(ratio=0.05, projection_dim=128, random_state=0, device="cpu").fit(X)
+    starts = np.random.RandomState(0).choice(800, 10, replace=False)
+    np.testing.assert_array_equal(sampler.sample_indices_, greedy_coreset(X, 40, starts))
+
+
+def test_image_features_and_their_flattened_vectors_give_the_same_coreset():
+    X = clustered_points(6 * 5 * 4, 32).reshape(6, 5, 4, 32)
+    on_images = GreedyCoresetSampler(ratio=0.2, random_state=0).fit(X).sample_indices_
+    on_vectors = GreedyCoresetSampler(ratio=0.2, random_state=0).fit(X.reshape(-1, 32)).sample_indices_
+    np.testing.assert_array_equal(on_images, on_vectors)
+
+
+def test_fit_transform_masks_the_patches_not_kept_and_keeps_the_shape():
+    X = clustered_points(4 * 3 * 3, 16).reshape(4, 3, 3, 16)
+    sampler = GreedyCoresetSampler(ratio=0.25, random_state=0)
+    masked = sampler.fit_transform(X)
+    assert isinstance(masked, np.ma.MaskedArray) and masked.shape == X.shape
+    np.testing.assert_array_equal(masked.data, X)
+    kept = ~np.ma.getmaskarray(masked)[..., 0].reshape(-1)
+    assert set(np.flatnonzero(kept)) == set(sampler.sample_indices_)
+    assert (np.ma.getmaskarray(masked) == ~kept.reshape(4, 3, 3, 1)).all()
+
+
+def test_transform_passes_test_features_through_untouched():
+    X = clustered_points(200, 16)
+    sampler = GreedyCoresetSampler(ratio=0.1, random_state=0).fit(X)
+    out = sampler.transform(X[:7])
+    assert not isinstance(out, np.ma.MaskedArray)
+    np.testing.assert_array_equal(out, X[:7])
+
+
+def test_labels_keep_defective_images_out_of_the_coreset():
+    X = clustered_points(6 * 16, 16).reshape(6, 4, 4, 16)
+    y = np.array([1, -1, 1, 1, -1, 1])
+    sampler = GreedyCoresetSampler(ratio=0.5, random_state=0)
+    masked = sampler.fit_transform(X, y)
+    image_of = sampler.sample_indices_ // 16
+    assert set(image_of) <= {0, 2, 3, 5}
+    assert len(sampler.sample_indices_) == 32  # half of the 4 good images' 64 patches
+    assert np.ma.getmaskarray(masked)[[1, 4]].all()
+
+
+@pytest.mark.parametrize("ratio", [0, -0.5, 1.5, "half"])
+def test_ratio_out_of_range_is_rejected_by_name(ratio):
+    with pytest.raises((ValueError, TypeError), match="'ratio' parameter"):
+        GreedyCoresetSampler(ratio=ratio).fit(clustered_points(50, 4))
+
+
+@pytest.mark.parametrize(
+    "y, message",
+    [
+        (np.array([0, 1, 1]), "outlier labels"),
+        (np.array([-1, -1, -1]), "every image as defective"),
+        (np.ones(2), "3 images"),
+    ],
+)
+def test_bad_labels_are_explained(y, message):
+    with pytest.raises(ValueError, match=message):
+        GreedyCoresetSampler().fit(clustered_points(3 * 4, 4).reshape(3, 2, 2, 4), y)
+
+
+def test_progress_bar_reports_every_selected_point(capsys):
+    GreedyCoresetSampler(ratio=0.1, random_state=0, verbose=1).fit(clustered_points(300, 8))
+    assert "30/30" in capsys.readouterr().err

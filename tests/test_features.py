@@ -1,0 +1,326 @@
+"""PatchFeatureTransformer: faithful to DESIGN section 1 steps 1-5, and strict about its input."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from sklearn.exceptions import NotFittedError
+
+from benchmarks.plain import mean_features, reference_features
+from skpatchcore import BackboneError, ImageReadError, PatchFeatureTransformer
+from skpatchcore._aggregation import adaptive_pool_matrix, aggregate, build_stage_maps
+from skpatchcore._backbones import FeatureExtractor, _lite_model, build_backbone, fold_batch_norms
+from skpatchcore.utils._images import Geometry
+
+from .conftest import MPDD, textured_parts
+
+
+def relative_error(fast: torch.Tensor, plain: torch.Tensor) -> float:
+    """Largest relative error of a patch vector: max_i |fast_i - plain_i| / |plain_i|."""
+    fast, plain = fast.double(), plain.double()
+    return float(((fast - plain).norm(dim=-1) / plain.norm(dim=-1)).max())
+
+
+@pytest.fixture(scope="module")
+def real_stages():
+    """efficientnet_lite0 activations of real photos (mpdd) or of textured parts when absent."""
+    extractor = build_backbone("efficientnet_lite0")
+    if MPDD.is_dir():
+        paths = sorted((MPDD / "train" / "good").glob("*.png"))[:2]
+        images = [Geometry(256, 224).apply(Image.open(p).convert("RGB")) for p in paths]
+    else:
+        images = [Geometry(256, 224).apply(Image.fromarray(im)) for im in textured_parts(2, size=256)]
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        return extractor(pixels)
+
+
+@pytest.mark.parametrize("pretrain_dim, target_dim", [(1024, 1024), (384, 384), (1024, 512), (1000, 777)])
+def test_reference_aggregation_equals_literal_unfold_and_pooling(real_stages, pretrain_dim, target_dim):
+    channels = [stage.shape[1] for stage in real_stages]
+    maps, dim = build_stage_maps(channels, "reference", 3, pretrain_dim, target_dim)
+    with torch.inference_mode():
+        fast = aggregate(real_stages, maps, dim).permute(0, 2, 3, 1)
+        plain = reference_features([s.double() for s in real_stages], 3, pretrain_dim, target_dim)
+    assert fast.shape == (2, 28, 28, target_dim)
+    assert relative_error(fast, plain) <= 1e-5
+
+
+@pytest.mark.parametrize("target_dim", [None, 100])
+def test_mean_aggregation_equals_literal_neighbourhood_mean(real_stages, target_dim):
+    channels = [stage.shape[1] for stage in real_stages]
+    maps, dim = build_stage_maps(channels, "mean", 3, 1024, target_dim or 10**6)
+    with torch.inference_mode():
+        fast = aggregate(real_stages, maps, dim).permute(0, 2, 3, 1)
+        plain = mean_features([s.double() for s in real_stages], 3, target_dim)
+    assert fast.shape == (2, 28, 28, target_dim or 152)
+    assert relative_error(fast, plain) <= 1e-5
+
+
+def test_adaptive_pool_matrix_matches_torch():
+    x = torch.randn(3, 1, 360, dtype=torch.float64)
+    for n_out in (1024, 100, 360):
+        pooled = torch.nn.functional.adaptive_avg_pool1d(x, n_out).squeeze(1)
+        via_matrix = x.squeeze(1) @ torch.from_numpy(adaptive_pool_matrix(360, n_out)).T
+        assert torch.allclose(pooled, via_matrix, atol=1e-12)
+
+
+def test_transform_gives_one_vector_per_stride8_location():
+    images = textured_parts(3, size=256)
+    features = PatchFeatureTransformer(backbone="efficientnet_lite0", device="cpu").fit_transform(images)
+    assert features.shape == (3, 28, 28, 1024)
+    assert features.dtype == np.float32
+    assert np.isfinite(features).all()
+
+
+def test_paths_pil_and_uint8_arrays_give_identical_features(tmp_path, lite_features):
+    images = textured_parts(3, size=80, seed=5)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"part{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    from_arrays = lite_features.transform(images)
+    from_list = lite_features.transform(list(images))
+    from_paths = lite_features.transform([str(p) for p in paths])
+    from_pil = lite_features.transform([Image.open(p) for p in paths])
+    np.testing.assert_array_equal(from_arrays, from_paths)
+    np.testing.assert_array_equal(from_list, from_paths)
+    np.testing.assert_array_equal(from_pil, from_paths)
+
+
+def test_float_images_equal_uint8_images_scaled_to_unit_range(lite_features):
+    # At the model's input size no resampling happens, so only the scaling differs.
+    images = textured_parts(2, size=64, seed=6)
+    as_uint8 = lite_features.transform(images)
+    as_float = lite_features.transform(images.astype(np.float32) / 255.0)
+    np.testing.assert_allclose(as_float, as_uint8, rtol=0, atol=1e-5)
+
+
+def test_grayscale_images_are_fed_as_three_identical_channels():
+    gray = textured_parts(2, size=64, seed=7)[..., 0]
+    transformer = PatchFeatureTransformer(
+        backbone="efficientnet_lite0", image_size=64, crop_size=None, device="cpu"
+    )
+    from_gray = transformer.fit(gray).transform(gray)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    from_rgb = transformer.fit(rgb).transform(rgb)
+    np.testing.assert_allclose(from_gray, from_rgb, rtol=0, atol=1e-6)
+
+
+def test_features_do_not_depend_on_batch_size(lite_features):
+    images = textured_parts(5, size=64, seed=8)
+    one = lite_features.set_params(batch_size=1).transform(images)
+    three = lite_features.set_params(batch_size=3).transform(images)
+    lite_features.set_params(batch_size="auto")
+    assert relative_error(torch.from_numpy(one), torch.from_numpy(three)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "size, image_size, crop_size",
+    [
+        ((300, 200), 256, 224),
+        ((200, 300), 256, 224),
+        ((100, 90), 64, 80),
+        ((257, 311), (128, 96), 64),
+        ((50, 70), None, None),
+    ],
+)
+def test_geometry_matches_torchvision_resize_and_center_crop(size, image_size, crop_size):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    steps = []
+    if image_size is not None:
+        steps.append(T.Resize(image_size))
+    if crop_size is not None:
+        steps.append(T.CenterCrop(crop_size))
+    expected = np.asarray(T.Compose(steps)(image) if steps else image, dtype=np.float32) / 255.0
+    got = Geometry(image_size, crop_size).apply(image)
+    np.testing.assert_array_equal(got, expected)
+    assert Geometry(image_size, crop_size).output_size(*size) == expected.shape[:2]
+
+
+def test_forward_stops_after_the_last_requested_layer():
+    model = build_backbone("resnet18", layers=["layer1", "layer2"], weights=None).model
+    ran = []
+    model.layer3.register_forward_hook(lambda *args: ran.append("layer3"))
+    model.fc.register_forward_hook(lambda *args: ran.append("fc"))
+    extractor = build_backbone(model, layers=["layer1", "layer2"], weights=None)
+    with torch.inference_mode():
+        stages = extractor(torch.rand(1, 3, 64, 64))
+    assert [s.shape[1] for s in stages] == [64, 128]
+    assert ran == []
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_folded_batch_norms_give_the_same_activations(name):
+    torch.manual_seed(0)
+    if name == "resnet18":
+        model, layers = torchvision.models.resnet18(), ["layer2", "layer3"]
+        for module in model.modules():  # non-trivial statistics for random weights
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.2, 0.2)
+    else:
+        model, layers = _lite_model(name, "imagenet"), ["blocks.2", "blocks.4"]
+    reference = FeatureExtractor(copy.deepcopy(model), layers, (0.5,) * 3, (0.5,) * 3)
+    folded_model = copy.deepcopy(model)
+    fold_batch_norms(folded_model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded_model.modules())
+    folded = FeatureExtractor(folded_model, layers, (0.5,) * 3, (0.5,) * 3)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.inference_mode():
+        for a, b in zip(folded(x), reference(x)):
+            assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_lite_weights_load_strictly_with_imagenet_normalisation():
+    extractor = build_backbone("efficientnet_lite0")
+    assert extractor.layers == ("blocks.2", "blocks.4")
+    assert torch.allclose(extractor.mean, torch.full((1, 3, 1, 1), 0.5))
+    with torch.inference_mode():
+        stages = extractor(torch.rand(1, 3, 224, 224))
+    assert [tuple(s.shape[1:]) for s in stages] == [(40, 28, 28), (112, 14, 14)]
+
+
+def test_local_state_dict_path_is_loaded(tmp_path):
+    torch.manual_seed(1)
+    source = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    from_file = build_backbone("resnet18", weights=path)
+    from_module = build_backbone(source, layers=["layer2", "layer3"], weights=None)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        for a, b in zip(from_file(x), from_module(x)):
+            assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_wrong_state_dict_is_a_clear_error(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"foo": torch.zeros(1)}, path)
+    with pytest.raises(BackboneError, match="do not fit backbone 'resnet18'"):
+        build_backbone("resnet18", weights=path)
+    with pytest.raises(BackboneError, match="not a file"):
+        build_backbone("resnet18", weights=tmp_path / "missing.pth")
+
+
+def test_offline_default_backbone_says_what_to_do(monkeypatch, tmp_path):
+    def no_network(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(BackboneError) as error:
+        PatchFeatureTransformer().fit(textured_parts(1))
+    message = str(error.value)
+    assert "wide_resnet50_2" in message and "weights=" in message and "efficientnet_lite0" in message
+    assert "\n" not in message
+
+
+def test_custom_module_backbone_is_copied_not_mutated():
+    module = torchvision.models.resnet18()
+    weight = module.conv1.weight.clone()
+    transformer = PatchFeatureTransformer(
+        backbone=module,
+        layers=["layer2", "layer3"],
+        weights=None,
+        image_size=64,
+        crop_size=None,
+        device="cpu",
+    )
+    features = transformer.fit_transform(textured_parts(2))
+    assert features.shape == (2, 8, 8, 1024)
+    assert transformer.backbone is module and torch.equal(module.conv1.weight, weight)
+    assert module.conv1.weight.requires_grad
+
+
+def test_torchvision_name_with_explicit_layers_works():
+    transformer = PatchFeatureTransformer(
+        backbone="mobilenet_v3_small",
+        layers=["features.2", "features.4"],
+        weights=None,
+        image_size=64,
+        crop_size=None,
+        target_dim=64,
+        device="cpu",
+    )
+    assert transformer.fit_transform(textured_parts(1)).shape == (1, 8, 8, 64)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"backbone": "no_such_net"}, "Unknown backbone 'no_such_net'"),
+        ({"backbone": "efficientnet_lite0", "layers": ["blocks.9"]}, "Layer 'blocks.9' is not a module"),
+        ({"backbone": "mobilenet_v3_small", "weights": None}, "has no default layers"),
+        ({"backbone": "efficientnet_lite0", "patch_size": 4}, "'patch_size' parameter must be odd"),
+        ({"backbone": "efficientnet_lite0", "image_size": (0, 3)}, "'image_size' parameter must be"),
+        ({"backbone": "efficientnet_lite0", "aggregation": "max"}, "'aggregation' parameter"),
+    ],
+)
+def test_bad_parameters_are_named_in_the_error(params, message):
+    with pytest.raises((ValueError, BackboneError), match=message):
+        PatchFeatureTransformer(device="cpu", **params).fit(textured_parts(1))
+
+
+def _png(path, array, mode=None):
+    Image.fromarray(array, mode=mode).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda tmp: [], "X is empty"),
+        (lambda tmp: np.zeros((64, 64), dtype=np.uint8), r"\(n_images, H, W\)"),
+        (lambda tmp: np.zeros((2, 8, 8, 3, 1), dtype=np.uint8), r"\(n_images, H, W\)"),
+        (lambda tmp: np.full((1, 16, 16), np.nan, dtype=np.float32), "NaN or infinity"),
+        (lambda tmp: np.full((1, 16, 16), 2.0, dtype=np.float32), r"must lie in \[0, 1\]"),
+        (lambda tmp: np.zeros((1, 16, 16), dtype=np.uint16), "integer dtype uint16"),
+        (lambda tmp: np.zeros((1, 16, 16, 4), dtype=np.uint8), "4 channels"),
+        (
+            lambda tmp: [np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8)],
+            "mixes grayscale and RGB",
+        ),
+        (lambda tmp: [str(tmp / "missing.png")], "no such file"),
+        (lambda tmp: [str((tmp / "notes.txt").write_text("hi") and tmp / "notes.txt")], "not an image file"),
+        (lambda tmp: [_png(tmp / "a.png", np.zeros((8, 8, 4), np.uint8))], "alpha channel"),
+        (lambda tmp: [_png(tmp / "b.png", np.zeros((8, 8), np.uint16))], "16/32-bit"),
+        (lambda tmp: "image.png", "single str"),
+    ],
+)
+def test_bad_images_get_a_clear_error(tmp_path, lite_features, make_input, message):
+    with pytest.raises((ValueError, TypeError, ImageReadError), match=message):
+        lite_features.transform(make_input(tmp_path))
+
+
+def test_truncated_file_error_names_the_file(tmp_path, lite_features):
+    path = tmp_path / "cut.png"
+    Image.fromarray(textured_parts(1, size=64)[0]).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ImageReadError, match="cut.png"):
+        lite_features.transform([str(path)])
+
+
+def test_transform_before_fit_raises_not_fitted():
+    with pytest.raises(NotFittedError):
+        PatchFeatureTransformer(backbone="efficientnet_lite0").transform(textured_parts(1))
+
+
+def test_grayscale_images_are_refused_by_a_model_fitted_on_rgb(lite_features):
+    with pytest.raises(ValueError, match="fitted on RGB"):
+        lite_features.transform(textured_parts(1)[..., 0])
+
+
+def test_differing_aspect_ratios_without_crop_ask_for_crop_size(lite_features):
+    images = [np.zeros((64, 64, 3), np.uint8), np.zeros((64, 96, 3), np.uint8)]
+    with pytest.raises(ValueError, match="set crop_size"):
+        lite_features.transform(images)

@@ -1,0 +1,185 @@
+"""The three steps together: make_patchcore, Pipeline, GridSearchCV, clone, joblib."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.pipeline import Pipeline
+
+from skpatchcore import (
+    GreedyCoresetSampler,
+    ModelVersionWarning,
+    PatchCoreDetector,
+    PatchCorePipeline,
+    PatchFeatureTransformer,
+    make_patchcore,
+)
+
+from .conftest import textured_parts
+
+SMALL = {"backbone": "efficientnet_lite0", "image_size": 64, "crop_size": None, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def fitted(good_parts):
+    return make_patchcore(ratio=0.25, random_state=0, **SMALL).fit(good_parts)
+
+
+def test_make_patchcore_routes_each_parameter_to_its_step():
+    model = make_patchcore(
+        backbone="resnet18", crop_size=None, ratio=0.02, random_state=7, n_neighbors=3, device="cpu"
+    )
+    assert isinstance(model, PatchCorePipeline)
+    assert [name for name, _ in model.steps] == ["features", "coreset", "detector"]
+    params = model.get_params()
+    assert params["features__backbone"] == "resnet18" and params["features__crop_size"] is None
+    assert params["coreset__ratio"] == 0.02 and params["coreset__random_state"] == 7
+    assert params["detector__n_neighbors"] == 3
+    assert params["features__device"] == params["coreset__device"] == params["detector__device"] == "cpu"
+
+
+def test_make_patchcore_rejects_unknown_parameters_listing_the_accepted_ones():
+    with pytest.raises(TypeError, match=r"unknown parameter\(s\) \['ration'\].*ratio"):
+        make_patchcore(ration=0.1)
+
+
+def test_set_params_and_clone_reach_nested_steps():
+    model = make_patchcore(**SMALL)
+    model.set_params(coreset__ratio=0.3)
+    copy = clone(model)
+    assert copy.get_params()["coreset__ratio"] == 0.3
+    assert copy.named_steps["coreset"] is not model.named_steps["coreset"]
+
+
+def test_maps_from_images_are_at_the_model_input_size_and_find_the_defect(fitted, defective_parts):
+    images, masks = defective_parts
+    maps, scores = fitted.predict_map(images, return_scores=True)
+    assert maps.shape == (len(images), 64, 64)
+    np.testing.assert_array_equal(scores, fitted.anomaly_score(images))
+    for heat, mask in zip(maps, masks):
+        assert (
+            mask[np.unravel_index(heat.argmax(), heat.shape)] or heat[mask].mean() > heat[~mask].mean() * 1.5
+        )
+
+
+def test_defective_parts_score_higher_than_good_ones(fitted, defective_parts):
+    good = textured_parts(6, seed=20)
+    assert fitted.anomaly_score(defective_parts[0]).min() > fitted.anomaly_score(good).max()
+    assert (fitted.predict(defective_parts[0]) == -1).all()
+    np.testing.assert_allclose(
+        fitted.decision_function(good), fitted.named_steps["detector"].threshold_ - fitted.anomaly_score(good)
+    )
+
+
+def test_plain_sklearn_pipeline_gives_the_same_scores(fitted, good_parts, defective_parts):
+    plain = Pipeline(
+        [
+            (
+                "features",
+                PatchFeatureTransformer(
+                    image_size=64, crop_size=None, backbone="efficientnet_lite0", device="cpu"
+                ),
+            ),
+            ("coreset", GreedyCoresetSampler(ratio=0.25, random_state=0, device="cpu")),
+            ("detector", PatchCoreDetector(device="cpu")),
+        ]
+    ).fit(good_parts)
+    images = defective_parts[0]
+    np.testing.assert_array_equal(plain.score_samples(images), fitted.score_samples(images))
+
+
+def test_only_good_images_enter_the_bank_when_labels_are_given(good_parts, defective_parts):
+    X = np.concatenate([good_parts, defective_parts[0]])
+    y = np.r_[np.ones(len(good_parts)), -np.ones(len(defective_parts[0]))].astype(int)
+    labelled = make_patchcore(ratio=0.25, random_state=0, **SMALL).fit(X, y)
+    good_only = make_patchcore(ratio=0.25, random_state=0, **SMALL).fit(good_parts)
+    np.testing.assert_array_equal(
+        labelled.named_steps["detector"].memory_bank_, good_only.named_steps["detector"].memory_bank_
+    )
+
+
+def test_grid_search_over_coreset_ratio_with_roc_auc(good_parts, defective_parts):
+    X = np.concatenate([good_parts, textured_parts(6, seed=30), defective_parts[0]])
+    y = np.r_[np.ones(18), -np.ones(6)].astype(int)
+    search = GridSearchCV(
+        make_patchcore(random_state=0, **SMALL),
+        {"coreset__ratio": [0.05, 0.5]},
+        scoring="roc_auc",
+        cv=StratifiedKFold(2, shuffle=True, random_state=0),
+    ).fit(X, y)
+    assert search.best_params_["coreset__ratio"] in (0.05, 0.5)
+    assert search.cv_results_["mean_test_score"].min() > 0.9
+
+
+def test_feature_caching_with_pipeline_memory(tmp_path, good_parts):
+    model = make_patchcore(ratio=0.25, random_state=0, memory=str(tmp_path), **SMALL)
+    first = model.fit(good_parts).named_steps["detector"].memory_bank_
+    second = model.set_params(coreset__ratio=0.5).fit(good_parts).named_steps["detector"].memory_bank_
+    assert len(second) == 2 * len(first)
+    assert any(tmp_path.rglob("*.pkl")) or any(tmp_path.rglob("output.pkl")) or any(tmp_path.iterdir())
+
+
+def test_joblib_round_trip_gives_bit_identical_scores_and_maps(fitted, defective_parts):
+    buffer = io.BytesIO()
+    joblib.dump(fitted, buffer)
+    buffer.seek(0)
+    loaded = joblib.load(buffer)
+    images = defective_parts[0]
+    np.testing.assert_array_equal(loaded.predict_map(images), fitted.predict_map(images))
+    np.testing.assert_array_equal(loaded.decision_function(images), fitted.decision_function(images))
+
+
+def test_pickles_hold_no_native_index_or_named_backbone_weights(fitted):
+    state = fitted.named_steps["detector"].__getstate__()
+    assert "_index" not in state
+    assert fitted.named_steps["features"].__getstate__()["backbone_"] is None
+
+
+def test_model_fitted_on_cuda_loads_on_a_cpu_only_machine(fitted, defective_parts, monkeypatch):
+    # Simulate a GPU fit: the pickled state records CUDA devices, as a real GPU fit would.
+    features, detector = fitted.named_steps["features"], fitted.named_steps["detector"]
+    monkeypatch.setattr(features, "device_", torch.device("cuda"))
+    monkeypatch.setattr(detector, "device_", torch.device("cuda:0"))
+    blob = io.BytesIO()
+    joblib.dump(fitted, blob)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    blob.seek(0)
+    with pytest.warns(UserWarning, match="fitted on cuda.*runs on the CPU"):
+        loaded = joblib.load(blob)
+    assert loaded.named_steps["detector"].device_.type == "cpu"
+    assert loaded.named_steps["features"].device_.type == "cpu"
+    images = defective_parts[0]
+    np.testing.assert_array_equal(loaded.score_samples(images), fitted.score_samples(images))
+
+
+def test_loading_a_pickle_from_another_version_warns(fitted):
+    state = fitted.named_steps["coreset"].__getstate__()
+    state["_skpatchcore_version"] = "0.0.1"
+    restored = GreedyCoresetSampler.__new__(GreedyCoresetSampler)
+    with pytest.warns(ModelVersionWarning, match="from skpatchcore 0.0.1"):
+        restored.__setstate__(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        joblib.load(_dumped(fitted.named_steps["coreset"]))
+
+
+def _dumped(obj):
+    buffer = io.BytesIO()
+    joblib.dump(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_predict_map_needs_the_feature_step_first(fitted):
+    broken = PatchCorePipeline([("coreset", GreedyCoresetSampler()), ("detector", PatchCoreDetector())])
+    broken.fit(np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32))
+    with pytest.raises(TypeError, match="PatchFeatureTransformer as the first step"):
+        broken.predict_map(np.zeros((1, 4), np.float32))
