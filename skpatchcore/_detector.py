@@ -225,37 +225,58 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self.offset_ = -threshold
         return self
 
-    def _scores(self, data: np.ndarray, index: NearestNeighborIndex) -> tuple[np.ndarray, np.ndarray]:
-        """Patch scores (n, n_patches) and image scores (n,) of validated features."""
+    def _scores(self, data, index: NearestNeighborIndex) -> tuple[np.ndarray, np.ndarray]:
+        """Patch scores (n, n_patches) and image scores (n,) of validated features, as arrays."""
+        patch_scores, image_scores = self._score_tensors(torch.as_tensor(data), index)
+        return patch_scores.cpu().numpy(), image_scores.cpu().numpy()
+
+    def _score_tensors(self, data: torch.Tensor, index: NearestNeighborIndex):
+        """Patch and image scores as tensors, on the search device.
+
+        ``data`` is (n, ..., d) on the CPU or the index's device; nothing is
+        copied between devices when both are the same CUDA device.
+        """
         n_images, n_features = len(data), data.shape[-1]
         vectors = data.reshape(n_images, -1, n_features)
         per_image = vectors.shape[1]
-        patch_scores = np.empty((n_images, per_image), dtype=np.float32)
-        nearest = np.empty((n_images, per_image), dtype=np.int64)
-        images_per_chunk = max(1, _SEARCH_CHUNK // per_image)
-        for start in range(0, n_images, images_per_chunk):
-            chunk = vectors[start : start + images_per_chunk]
+        patch_parts, nearest_parts = [], []
+        for chunk in vectors.split(max(1, _SEARCH_CHUNK // per_image)):
             squared, indices = index.search(chunk.reshape(-1, n_features), self.n_neighbors)
-            dist = np.sqrt(squared) if self.distance == "euclidean" else squared
-            patch_scores[start : start + len(chunk)] = dist.mean(axis=1).reshape(len(chunk), per_image)
-            nearest[start : start + len(chunk)] = indices[:, 0].reshape(len(chunk), per_image)
+            dist = squared.sqrt() if self.distance == "euclidean" else squared
+            patch_parts.append(dist.mean(dim=1).reshape(len(chunk), per_image))
+            nearest_parts.append(indices[:, 0].reshape(len(chunk), per_image))
+        patch_scores, nearest = torch.cat(patch_parts), torch.cat(nearest_parts)
 
-        worst = patch_scores.argmax(axis=1)
-        rows = np.arange(n_images)
+        rows = torch.arange(n_images, device=patch_scores.device)
+        worst = patch_scores.argmax(dim=1)
         image_scores = patch_scores[rows, worst]
         if self.reweight_neighbors is not None:
-            image_scores = image_scores * self._reweighting(vectors[rows, worst], nearest[rows, worst], index)
-        return patch_scores, image_scores.astype(np.float32)
+            worst_patch = vectors[rows.to(vectors.device), worst.to(vectors.device)]
+            image_scores = image_scores * self._reweighting(worst_patch, nearest[rows, worst], index)
+        return patch_scores, image_scores
 
-    def _reweighting(self, worst_patch, nearest, index) -> np.ndarray:
+    def _reweighting(self, worst_patch: torch.Tensor, nearest: torch.Tensor, index) -> torch.Tensor:
         """The paper's eq. 7 weight for each image's most anomalous patch."""
-        bank = index.bank
+        bank = index.bank_tensor
+        nearest = nearest.to(bank.device)
         _, support = index.search(bank[nearest], self.reweight_neighbors)
-        to_support = np.linalg.norm(worst_patch[:, None, :] - bank[support], axis=2).astype(np.float64)
-        to_nearest = np.linalg.norm(worst_patch - bank[nearest], axis=1).astype(np.float64)
-        shift = to_support.max(axis=1)  # for a numerically stable softmax
-        share = np.exp(to_nearest - shift) / np.exp(to_support - shift[:, None]).sum(axis=1)
-        return (1.0 - share).astype(np.float32)
+        worst_patch = worst_patch.to(bank.device, torch.float64)
+        neighbours = bank[support.to(bank.device)].to(torch.float64)
+        to_support = torch.linalg.vector_norm(worst_patch[:, None, :] - neighbours, dim=2)
+        to_nearest = torch.linalg.vector_norm(worst_patch - bank[nearest].to(torch.float64), dim=1)
+        # 1 - softmax over the support, taken at m*, computed stably
+        shift = to_support.max(dim=1).values
+        share = torch.exp(to_nearest - shift) / torch.exp(to_support - shift[:, None]).sum(dim=1)
+        return (1.0 - share).to(torch.float32)
+
+    def _map_tensors(self, data: torch.Tensor, output_size):
+        """Maps and image scores of validated features (tensor), on the search device."""
+        patch_scores, image_scores = self._score_tensors(data, self._index)
+        grid = tuple(data.shape[1:3]) if data.ndim == 4 else (1, 1)
+        maps = patch_scores.reshape(len(data), *grid)
+        if output_size is not None:
+            maps = anomaly_maps(maps, tuple(output_size), sigma=self.sigma, upsampling=self.upsampling)
+        return maps, image_scores
 
     def _validated(self, X) -> np.ndarray:
         check_is_fitted(self)
@@ -342,14 +363,8 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         scores : ndarray of shape (n_images,)
             Only when ``return_scores=True``: :meth:`anomaly_score` of each image.
         """
-        data = self._validated(X)
-        patch_scores, image_scores = self._scores(data, self._index)
-        grid = data.shape[1:3] if data.ndim == 4 else (1, 1)
-        maps = patch_scores.reshape(len(data), *grid)
-        if output_size is not None:
-            maps = anomaly_maps(
-                maps, tuple(output_size), sigma=self.sigma, upsampling=self.upsampling, device=self.device_
-            )
+        maps, image_scores = self._map_tensors(torch.as_tensor(self._validated(X)), output_size)
+        maps, image_scores = maps.cpu().numpy(), image_scores.cpu().numpy()
         return (maps, image_scores) if return_scores else maps
 
     # The faiss / torch index is native state: it is dropped when pickling and

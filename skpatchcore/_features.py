@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ._aggregation import AGGREGATIONS, aggregate, build_stage_maps
 from ._backbones import BackboneError, build_backbone, fingerprint
-from .utils._device import device_after_load, resolve_device
+from .utils._device import device_after_load, full_float32, resolve_device
 from .utils._images import Geometry, check_images
 from .utils._pickling import VersionedPickleMixin
 
@@ -219,6 +219,21 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
     def _transform(self, X) -> tuple[np.ndarray, tuple[int, int]]:
         """Features and the model input size ``(H, W)`` they were computed at."""
+        batches, input_size, n_images = self._feature_batches(X)
+        output = None
+        for rows, features in batches:
+            if output is None:
+                output = np.empty((n_images, *features.shape[1:]), dtype=np.float32)
+            output[rows.start : rows.stop] = features.cpu().numpy()
+        return output, input_size
+
+    def _feature_batches(self, X):
+        """Validate ``X``; return (iterator of (rows, device tensor (B, h, w, d)), input size, n).
+
+        The features of each batch stay on ``device_``, so a caller that scores
+        them there (:meth:`PatchCorePipeline.predict_map`) never copies them to
+        the host and never holds the features of the whole set.
+        """
         check_is_fitted(self)
         images = check_images(X, expected_channels=self.n_channels_)
         geometry = self.geometry_
@@ -229,9 +244,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
                 f"{sorted(out_sizes)[:3]}) because their aspect ratios differ and crop_size is None; "
                 "set crop_size or an exact image_size=(height, width) so they can be batched."
             )
-        input_size = out_sizes.pop()
         n_images = len(images)
-        output = None
         batch_size = self.batch_size
         if batch_size == "auto":
             batch_size = 32 if self.device_.type == "cuda" else 4
@@ -239,31 +252,29 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             range(start, min(start + batch_size, n_images)) for start in range(0, n_images, batch_size)
         ]
 
-        def load(batch):
-            pixels = np.stack([geometry.apply(images.load(i)) for i in batch])
+        def load(rows):
+            pixels = np.stack([geometry.apply(images.load(i)) for i in rows])
             return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
-        # Decoding the next batch (PIL releases the GIL) overlaps the forward pass.
-        with (
-            ThreadPoolExecutor(max_workers=1) as pool,
-            tqdm(
-                total=n_images, desc="Extracting features", unit="img", disable=not self.verbose
-            ) as progress,
-        ):
-            pending = pool.submit(load, batches[0])
-            for index, batch in enumerate(batches):
-                pixels = pending.result()
-                if index + 1 < len(batches):
-                    pending = pool.submit(load, batches[index + 1])
-                features = self._forward(pixels)
-                if output is None:
-                    output = np.empty((n_images, *features.shape[1:]), dtype=np.float32)
-                output[batch.start : batch.stop] = features
-                progress.update(len(batch))
-        return output, input_size
+        def generate():
+            # Decoding the next batch (PIL releases the GIL) overlaps the forward pass.
+            with (
+                ThreadPoolExecutor(max_workers=1) as pool,
+                tqdm(total=n_images, desc="Extracting features", unit="img", disable=not self.verbose) as bar,
+            ):
+                pending = pool.submit(load, batches[0])
+                for index, rows in enumerate(batches):
+                    pixels = pending.result()
+                    if index + 1 < len(batches):
+                        pending = pool.submit(load, batches[index + 1])
+                    yield rows, self._forward(pixels)
+                    bar.update(len(rows))
 
-    def _forward(self, pixels: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
+        return generate(), out_sizes.pop(), n_images
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Features (B, h, w, d) on ``device_`` of pixels (B, C, H, W) in [0, 1]."""
+        with torch.inference_mode(), full_float32():
             pixels = pixels.to(self.device_, non_blocking=True)
             if pixels.shape[1] == 1:
                 pixels = pixels.expand(-1, 3, -1, -1)
@@ -272,7 +283,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             pixels = pixels.contiguous(memory_format=torch.channels_last)
             stages = self.backbone_(pixels)
             fused = aggregate(stages, self._stage_maps, self.n_features_out_)
-            return fused.permute(0, 2, 3, 1).cpu().numpy()
+            return fused.permute(0, 2, 3, 1)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

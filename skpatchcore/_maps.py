@@ -48,27 +48,24 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def anomaly_maps(
-    patch_scores: np.ndarray,
-    output_size: tuple[int, int],
-    *,
-    sigma: float = 4.0,
-    upsampling: str = "bilinear",
-    device: torch.device | str = "cpu",
-) -> np.ndarray:
+    patch_scores, output_size: tuple[int, int], *, sigma: float = 4.0, upsampling: str = "bilinear"
+):
     """Upsample (n, h, w) patch scores to ``output_size`` and smooth them.
 
     Bilinear upsampling uses ``align_corners=False`` as the reference code;
-    the Gaussian ``sigma`` is in output pixels.
+    the Gaussian ``sigma`` is in output pixels. A tensor is processed on its
+    own device and a tensor is returned; an array gives an array.
     """
-    height, width = output_size
-    out = np.empty((len(patch_scores), height, width), dtype=np.float32)
+    as_array = not torch.is_tensor(patch_scores)
+    scores = torch.as_tensor(np.asarray(patch_scores) if as_array else patch_scores, dtype=torch.float32)
+    parts = []
     with torch.inference_mode():
-        for start in range(0, len(patch_scores), _MAP_CHUNK):
-            chunk = torch.from_numpy(np.ascontiguousarray(patch_scores[start : start + _MAP_CHUNK]))
-            chunk = chunk.to(device=device, dtype=torch.float32).unsqueeze(1)
+        for chunk in scores.split(_MAP_CHUNK):
+            chunk = chunk.unsqueeze(1)
             if upsampling == "bilinear":
-                chunk = F.interpolate(chunk, size=(height, width), mode="bilinear", align_corners=False)
+                chunk = F.interpolate(chunk, size=tuple(output_size), mode="bilinear", align_corners=False)
             else:
-                chunk = F.interpolate(chunk, size=(height, width), mode="nearest")
-            out[start : start + len(chunk)] = gaussian_blur(chunk.squeeze(1), sigma).cpu().numpy()
-    return out
+                chunk = F.interpolate(chunk, size=tuple(output_size), mode="nearest")
+            parts.append(gaussian_blur(chunk.squeeze(1), sigma))
+    maps = torch.cat(parts)
+    return maps.cpu().numpy() if as_array else maps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
@@ -45,20 +46,47 @@ class PatchCorePipeline(Pipeline):
     make_patchcore : Build this pipeline from the steps' parameters.
     """
 
-    def _features_then_last_input(self, X):
+    def _streamed(self, X, output_size_wanted: bool):
+        """Image scores and (optionally) maps, batch by batch from the feature step.
+
+        The middle steps must pass features through at predict time (the
+        coreset sampler does), so each batch of features goes straight from the
+        backbone to the search on the same device: no host round trip on a GPU,
+        and the features of the whole set are never held at once.
+        """
         check_is_fitted(self)
-        features_step = self.steps[0][1]
+        features_step, detector = self.steps[0][1], self.steps[-1][1]
         if not isinstance(features_step, PatchFeatureTransformer):
             raise TypeError(
                 "predict_map needs a PatchFeatureTransformer as the first step to know the model "
                 f"input size; got {type(features_step).__name__}."
             )
-        Xt, input_size = features_step._transform(X)
-        for _, _, step in self._iter(with_final=False, filter_passthrough=True):
-            if step is features_step:
-                continue
-            Xt = step.transform(Xt)
-        return Xt, input_size
+        for name, step in self.steps[1:-1]:
+            if not (step == "passthrough" or step is None or isinstance(step, GreedyCoresetSampler)):
+                raise TypeError(
+                    f"predict_map streams features from the first step to the detector; step {name!r} "
+                    f"({type(step).__name__}) would change them. Use a PatchFeatureTransformer, "
+                    "GreedyCoresetSampler and PatchCoreDetector pipeline."
+                )
+        batches, input_size, n_images = features_step._feature_batches(X)
+        maps = scores = None
+        for rows, features in batches:
+            if features.shape[-1] != detector.n_features_in_:
+                detector._validated(features[:1].cpu().numpy())  # raises the usual message
+            batch_maps, batch_scores = detector._map_tensors(
+                features, input_size if output_size_wanted else None
+            )
+            if scores is None:
+                scores = np.empty(n_images, dtype=np.float32)
+                maps = (
+                    np.empty((n_images, *batch_maps.shape[1:]), dtype=np.float32)
+                    if output_size_wanted
+                    else None
+                )
+            scores[rows.start : rows.stop] = batch_scores.cpu().numpy()
+            if output_size_wanted:
+                maps[rows.start : rows.stop] = batch_maps.cpu().numpy()
+        return maps, scores
 
     def predict_map(self, X, *, return_scores: bool = False):
         """Anomaly heat maps of images at the model input size.
@@ -78,8 +106,8 @@ class PatchCorePipeline(Pipeline):
         scores : ndarray of shape (n_images,)
             Only when ``return_scores=True``.
         """
-        Xt, input_size = self._features_then_last_input(X)
-        return self.steps[-1][1].predict_map(Xt, output_size=input_size, return_scores=return_scores)
+        maps, scores = self._streamed(X, output_size_wanted=True)
+        return (maps, scores) if return_scores else maps
 
     def anomaly_score(self, X):
         """Image anomaly scores, higher = more anomalous.
@@ -94,8 +122,7 @@ class PatchCorePipeline(Pipeline):
         scores : ndarray of shape (n_images,)
             The paper's image scores.
         """
-        Xt, _ = self._features_then_last_input(X)
-        return self.steps[-1][1].anomaly_score(Xt)
+        return self._streamed(X, output_size_wanted=False)[1]
 
 
 def make_patchcore(*, memory=None, **params) -> PatchCorePipeline:

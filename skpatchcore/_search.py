@@ -69,21 +69,29 @@ class NearestNeighborIndex:
     def __len__(self) -> int:
         return len(self.bank)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Squared L2 distances and bank indices of the ``k`` nearest, shape (n, k) each."""
+    @property
+    def bank_tensor(self) -> torch.Tensor:
+        """The bank as a tensor on the search device (shares memory on the CPU)."""
+        return self._torch_bank if self._torch_bank is not None else torch.from_numpy(self.bank)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared L2 distances and bank indices of the ``k`` nearest, (n, k) tensors.
+
+        ``queries`` is a float32 tensor; results come back on the same device as
+        the queries when the torch backend runs, else on the CPU.
+        """
         k = min(k, len(self.bank))
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.backend != "torch":
-            squared, indices = self._index.search(queries, k)
-            return np.maximum(squared, 0.0, out=squared), indices
-        squared = np.empty((len(queries), k), dtype=np.float32)
-        indices = np.empty((len(queries), k), dtype=np.int64)
+            batch = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
+            squared, indices = self._index.search(batch, k)
+            return torch.from_numpy(np.maximum(squared, 0.0, out=squared)), torch.from_numpy(indices)
+        queries = queries.to(self.device, dtype=torch.float32)
+        squared, indices = [], []
         with torch.inference_mode():
-            for start in range(0, len(queries), _TORCH_QUERY_CHUNK):
-                block = torch.from_numpy(queries[start : start + _TORCH_QUERY_CHUNK]).to(self.device)
+            for block in queries.split(_TORCH_QUERY_CHUNK):
                 dist = torch.einsum("ij,ij->i", block, block)[:, None] + self._torch_norms[None, :]
                 dist.addmm_(block, self._torch_bank.T, alpha=-2.0)
                 values, positions = torch.topk(dist, k, dim=1, largest=False, sorted=True)
-                squared[start : start + len(block)] = values.clamp_min_(0.0).cpu().numpy()
-                indices[start : start + len(block)] = positions.cpu().numpy()
-        return squared, indices
+                squared.append(values.clamp_min_(0.0))
+                indices.append(positions)
+        return torch.cat(squared), torch.cat(indices)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 
 import torch
+
+_PRECISION_LOCK = threading.RLock()
 
 
 def resolve_device(device, *, param: str = "device") -> torch.device:
@@ -48,3 +52,25 @@ def device_after_load(device: torch.device | str, owner: str) -> torch.device:
         )
         return torch.device("cpu")
     return device
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Run CUDA convolutions in true float32, not TensorFloat-32.
+
+    cuDNN uses TF32 for float32 convolutions by default on Ampere and newer
+    GPUs; that changed the patch features by ~4e-3 (relative) against the CPU
+    on an H200, enough to move scores. Full float32 matched the CPU to 5e-8.
+    The flag is global in torch, so it is set and restored under a lock.
+    """
+    if not torch.cuda.is_available():
+        yield
+        return
+    with _PRECISION_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch prefers fp32_precision; both work
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
