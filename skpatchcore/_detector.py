@@ -57,6 +57,9 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     device : str or torch.device, default="auto"
         Where the search runs: the CPU (faiss), or CUDA (faiss-gpu when
         installed, else torch). ``"auto"`` picks CUDA when available.
+    allow_tf32 : bool, default=False
+        On CUDA without faiss-gpu, let the distance products use
+        TensorFloat-32 (faster; distances then carry ~1e-3 relative error).
 
     Attributes
     ----------
@@ -114,6 +117,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         "sigma": [Interval(Real, 0.0, None, closed="left")],
         "upsampling": [StrOptions(set(UPSAMPLING_MODES))],
         "device": [str, torch.device, None],
+        "allow_tf32": ["boolean"],
     }
 
     def __init__(
@@ -126,6 +130,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         sigma=4.0,
         upsampling="bilinear",
         device="auto",
+        allow_tf32=False,
     ):
         self.n_neighbors = n_neighbors
         self.reweight_neighbors = reweight_neighbors
@@ -134,6 +139,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self.sigma = sigma
         self.upsampling = upsampling
         self.device = device
+        self.allow_tf32 = allow_tf32
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -169,7 +175,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             )
         self.device_ = resolve_device(self.device)
         self.memory_bank_ = np.ascontiguousarray(vectors[kept])
-        self._index = NearestNeighborIndex(self.memory_bank_, self.device_)
+        self._index = NearestNeighborIndex(self.memory_bank_, self.device_, self.allow_tf32)
 
         bank_image = np.nonzero(kept)[0]
         good_images = np.arange(n_images) if good is None else np.flatnonzero(good)
@@ -201,7 +207,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             others = ~np.isin(bank_image, fold)
             if not others.any():
                 continue
-            index = NearestNeighborIndex(self.memory_bank_[others], self.device_)
+            index = NearestNeighborIndex(self.memory_bank_[others], self.device_, self.allow_tf32)
             scores.append(self._scores(data[fold], index)[1])
         return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
 
@@ -378,4 +384,4 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     def _after_unpickle(self):
         if "memory_bank_" in self.__dict__:
             self.device_ = device_after_load(self.device_, type(self).__name__)
-            self._index = NearestNeighborIndex(self.memory_bank_, self.device_)
+            self._index = NearestNeighborIndex(self.memory_bank_, self.device_, self.allow_tf32)

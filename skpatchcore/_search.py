@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .utils._device import cuda_precision
+
 # Queries per torch search step on CUDA: bounds the (queries x bank) distance block.
 _TORCH_QUERY_CHUNK = 8192
 
@@ -41,11 +43,14 @@ class NearestNeighborIndex:
     device : torch.device
         ``cpu``: faiss ``IndexFlatL2``. ``cuda``: a faiss GPU index when
         available, else torch on that device.
+    allow_tf32 : bool, default=False
+        Let the torch backend's matrix products use TensorFloat-32.
     """
 
-    def __init__(self, bank: np.ndarray, device: torch.device):
+    def __init__(self, bank: np.ndarray, device: torch.device, allow_tf32: bool = False):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.device = torch.device(device)
+        self.allow_tf32 = allow_tf32
         self.backend = "faiss-cpu"
         self._torch_bank = None
         self._torch_norms = None
@@ -87,7 +92,7 @@ class NearestNeighborIndex:
             return torch.from_numpy(np.maximum(squared, 0.0, out=squared)), torch.from_numpy(indices)
         queries = queries.to(self.device, dtype=torch.float32)
         squared, indices = [], []
-        with torch.inference_mode():
+        with torch.inference_mode(), cuda_precision(self.allow_tf32):
             for block in queries.split(_TORCH_QUERY_CHUNK):
                 dist = torch.einsum("ij,ij->i", block, block)[:, None] + self._torch_norms[None, :]
                 dist.addmm_(block, self._torch_bank.T, alpha=-2.0)

@@ -55,22 +55,24 @@ def device_after_load(device: torch.device | str, owner: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def full_float32():
-    """Run CUDA convolutions in true float32, not TensorFloat-32.
+def cuda_precision(allow_tf32: bool = False):
+    """Run CUDA convolutions and matrix products in float32 or TensorFloat-32.
 
     cuDNN uses TF32 for float32 convolutions by default on Ampere and newer
-    GPUs; that changed the patch features by ~4e-3 (relative) against the CPU
-    on an H200, enough to move scores. Full float32 matched the CPU to 5e-8.
-    The flag is global in torch, so it is set and restored under a lock.
+    GPUs. On an H200 that moved the patch features by 3.5e-3 (relative) from
+    the CPU's, enough to move scores; true float32 matched the CPU to 5e-8.
+    TF32 runs about three times faster, so it is the user's choice
+    (``allow_tf32``). The flags are global in torch: set and restored under a lock.
     """
     if not torch.cuda.is_available():
         yield
         return
     with _PRECISION_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # newer torch prefers fp32_precision; both work
-        previous = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
+        previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         try:
             yield
         finally:
-            torch.backends.cudnn.allow_tf32 = previous
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
