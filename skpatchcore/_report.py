@@ -230,7 +230,8 @@ def write_report(
     roc_axes.legend(loc="lower right")
 
     histogram_axes = summary.add_subplot(top[0, 1])
-    bins = np.linspace(min(scores.min(), threshold), max(scores.max(), threshold), 30)
+    low, high = min(scores.min(), threshold), max(scores.max(), threshold)
+    bins = np.linspace(low, high if high > low else low + 1.0, 30)
     histogram_axes.hist(scores[~defective], bins=bins, alpha=0.6, color="tab:blue", label="good")
     histogram_axes.hist(scores[defective], bins=bins, alpha=0.6, color="tab:red", label="defective")
     histogram_axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")

@@ -24,6 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
+import joblib
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -63,17 +64,17 @@ _MODEL_KEY = "skpatchcore_model"
 
 def _save_model(model: PatchCorePipeline, path) -> None:
     """Write a fitted pipeline to ``path`` (creating its folder)."""
-    import joblib
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     joblib.dump({_MODEL_KEY: __version__, "model": model}, path)
 
 
 def _load_model(path) -> PatchCorePipeline:
-    """Read a pipeline written by :func:`_save_model`; any other file is a :class:`ModelFileError`."""
-    import joblib
+    """Read a pipeline written by :func:`_save_model`; any other file is a :class:`ModelFileError`.
 
+    The file is a pickle: loading one runs code, so only load model files you trust. A model
+    written by another skpatchcore version loads with the estimators' ModelVersionWarning.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"The model file {os.fspath(path)!r} does not exist.")
@@ -84,11 +85,10 @@ def _load_model(path) -> PatchCorePipeline:
     except BackboneError:
         raise  # our model, but its backbone cannot be rebuilt here: that message says why
     except Exception as exc:  # noqa: BLE001 - whatever a foreign file makes the unpickler raise
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(
-            f"{os.fspath(path)!r} is not a skpatchcore model file (reading it failed: {reason}); "
+            f"{os.fspath(path)!r} is not a skpatchcore model file (it cannot be read as one); "
             "give a file written by 'skpatchcore fit'."
-        ) from None
+        ) from exc
     if not (
         isinstance(content, dict)
         and _MODEL_KEY in content
@@ -114,13 +114,19 @@ def _check_readable(paths) -> None:
             raise _reworded(exc, path, "image") from None
 
 
-def _training_images(data_dir) -> tuple[list[str], Path]:
-    """Good images to fit on: ``train/good`` of a category folder, else the folder's own images."""
+def _data_folder(data_dir) -> Path:
+    """``data_dir`` as a Path, once it is known to be an existing folder."""
     folder = Path(data_dir)
     if not folder.exists():
         raise FileNotFoundError(f"The data folder {os.fspath(data_dir)!r} does not exist.")
     if not folder.is_dir():
-        raise ValueError(f"The data folder {os.fspath(data_dir)!r} is a file; give a folder of good images.")
+        raise ValueError(f"The data folder {os.fspath(data_dir)!r} is a file; give a folder.")
+    return folder
+
+
+def _training_images(data_dir) -> tuple[list[str], Path]:
+    """Good images to fit on: ``train/good`` of a category folder, else the folder's own images."""
+    folder = _data_folder(data_dir)
     if (folder / "train" / "good").is_dir():
         folder = folder / "train" / "good"
     paths = [os.fspath(path) for path in image_paths_in(folder)]
@@ -169,7 +175,7 @@ def _images_to_predict(inputs, recursive: bool) -> list[tuple[str, str]]:
 
 
 def _fit(paths, params: dict, verbose: int) -> PatchCorePipeline:
-    backbone = params.get("backbone", PatchFeatureTransformer().backbone)
+    backbone = params["backbone"]
     model = make_patchcore(**params, verbose=verbose)
     try:
         model.fit(paths)
@@ -236,7 +242,7 @@ def _predict(
 
 def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) -> dict:
     """Metrics on an MVTec AD category; writes metrics.json, scores.csv and report.png under ``out``."""
-    data = load_mvtec_category(data_dir)
+    data = load_mvtec_category(_data_folder(data_dir))
     _check_readable(data.test_paths)
     labels = data.test_labels
     n_good, n_defective = int(np.sum(labels == 1)), int(np.sum(labels == -1))
@@ -387,7 +393,7 @@ def _command_demo(args) -> None:
         data_dir = make_demo_dataset(out / _DEMO_DATA_NAME)
         _say(f"Generated synthetic demo images (textured metal with scratches, spots, cracks) in {data_dir}")
     else:
-        data_dir = Path(args.data)
+        data_dir = _data_folder(args.data)
     data = load_mvtec_category(data_dir)
     _check_readable(data.train_paths)
     _say(
