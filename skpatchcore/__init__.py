@@ -6,7 +6,7 @@ from ._detector import PatchCoreDetector
 from ._features import PatchFeatureTransformer
 from ._pipeline import PatchCorePipeline, make_patchcore
 from ._version import __version__
-from .utils._images import ImageReadError
+from .utils._images import ImageReadError, SkippedImagesWarning
 from .utils._pickling import ModelVersionWarning
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "PatchCoreDetector",
     "PatchCorePipeline",
     "PatchFeatureTransformer",
+    "SkippedImagesWarning",
     "__version__",
     "known_backbones",
     "make_patchcore",

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ._aggregation import AGGREGATIONS, aggregate, build_stage_maps
 from ._backbones import BackboneError, build_backbone, fingerprint
 from .utils._device import cuda_precision, device_after_load, resolve_device
-from .utils._images import Geometry, check_images
+from .utils._images import Geometry, ImageReadError, check_images
 from .utils._pickling import VersionedPickleMixin
 
 
@@ -226,58 +226,83 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
     def _transform(self, X) -> tuple[np.ndarray, tuple[int, int]]:
         """Features and the model input size ``(H, W)`` they were computed at."""
-        batches, input_size, n_images = self._feature_batches(X)
+        batches, input_size, n_images, _ = self._feature_batches(X)
         output = None
         for rows, features in batches:
             if output is None:
                 output = np.empty((n_images, *features.shape[1:]), dtype=np.float32)
-            output[rows.start : rows.stop] = features.cpu().numpy()
+            output[rows] = features.cpu().numpy()
         return output, input_size
 
-    def _feature_batches(self, X):
-        """Validate ``X``; return (iterator of (rows, device tensor (B, h, w, d)), input size, n).
+    def _feature_batches(self, X, on_error: str = "raise"):
+        """Validate ``X`` and extract its features batch by batch.
 
-        The features of each batch stay on ``device_``, so a caller that scores
-        them there (:meth:`PatchCorePipeline.predict_map`) never copies them to
-        the host and never holds the features of the whole set.
+        Returns ``(batches, input_size, n_images, failed)``: ``batches`` yields
+        ``(positions, features)`` with the features of the images at those
+        positions of ``X`` as a tensor (B, h, w, d) on ``device_``, so a caller
+        that scores them there (:meth:`PatchCorePipeline.predict_map`) never
+        copies them to the host nor holds the features of the whole set. With
+        ``on_error="skip"`` an image that cannot be read or decoded is left out
+        and ``failed`` (position -> reason) fills in as batches are decoded.
         """
         check_is_fitted(self)
-        images = check_images(X, expected_channels=self.n_channels_)
+        skip = on_error == "skip"
+        images = check_images(X, expected_channels=self.n_channels_, skip_errors=skip)
         geometry = self.geometry_
-        out_sizes = {geometry.output_size(*size) for size in images.sizes}
+        valid = images.valid
+        if not valid:
+            raise ImageReadError("No image of X could be read: " + "; ".join(images.failed.values())[:2000])
+        out_sizes = {geometry.output_size(*images.sizes[i]) for i in valid}
         if len(out_sizes) > 1:
             raise ValueError(
                 f"The images reach {len(out_sizes)} different model input sizes (e.g. "
                 f"{sorted(out_sizes)[:3]}) because their aspect ratios differ and crop_size is None; "
                 "set crop_size or an exact image_size=(height, width) so they can be batched."
             )
-        n_images = len(images)
+        input_size = out_sizes.pop()
         batch_size = self.batch_size
         if batch_size == "auto":
             batch_size = 32 if self.device_.type == "cuda" else 4
         batches = [
-            range(start, min(start + batch_size, n_images)) for start in range(0, n_images, batch_size)
+            np.asarray(valid[start : start + batch_size]) for start in range(0, len(valid), batch_size)
         ]
+        failed = images.failed
 
         def load(rows):
-            pixels = np.stack([geometry.apply(images.load(i)) for i in rows])
-            return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+            pixels, problems = [], {}
+            for i in rows:
+                try:
+                    pixels.append(geometry.apply(images.load(i)))
+                except ImageReadError as error:
+                    if not skip:
+                        raise
+                    problems[int(i)] = str(error)
+                    pixels.append(np.zeros((*input_size, images.n_channels), dtype=np.float32))
+            return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2), problems
 
         def generate():
             # Decoding the next batch (PIL releases the GIL) overlaps the forward pass.
             with (
                 ThreadPoolExecutor(max_workers=1) as pool,
-                tqdm(total=n_images, desc="Extracting features", unit="img", disable=not self.verbose) as bar,
+                tqdm(
+                    total=len(valid), desc="Extracting features", unit="img", disable=not self.verbose
+                ) as bar,
             ):
                 pending = pool.submit(load, batches[0])
                 for index, rows in enumerate(batches):
-                    pixels = pending.result()
+                    pixels, problems = pending.result()
                     if index + 1 < len(batches):
                         pending = pool.submit(load, batches[index + 1])
-                    yield rows, self._forward(pixels)
+                    failed.update(problems)
+                    keep = np.array([i not in problems for i in rows])
+                    features = self._forward(pixels)
+                    if keep.all():
+                        yield rows, features
+                    elif keep.any():
+                        yield rows[keep], features[torch.from_numpy(keep).to(features.device)]
                     bar.update(len(rows))
 
-        return generate(), out_sizes.pop(), n_images
+        return generate(), input_size, len(images), failed
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features (B, h, w, d) on ``device_`` of pixels (B, C, H, W) in [0, 1]."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import numpy as np
 from sklearn.pipeline import Pipeline
@@ -11,6 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._coreset import GreedyCoresetSampler
 from ._detector import PatchCoreDetector
 from ._features import PatchFeatureTransformer
+from .utils._images import ImageReadError, SkippedImagesWarning
 
 _STEPS = (
     ("features", PatchFeatureTransformer),
@@ -46,7 +48,7 @@ class PatchCorePipeline(Pipeline):
     make_patchcore : Build this pipeline from the steps' parameters.
     """
 
-    def _streamed(self, X, output_size_wanted: bool):
+    def _streamed(self, X, output_size_wanted: bool, on_error: str = "raise"):
         """Image scores and (optionally) maps, batch by batch from the feature step.
 
         The middle steps must pass features through at predict time (the
@@ -68,7 +70,9 @@ class PatchCorePipeline(Pipeline):
                     f"({type(step).__name__}) would change them. Use a PatchFeatureTransformer, "
                     "GreedyCoresetSampler and PatchCoreDetector pipeline."
                 )
-        batches, input_size, n_images = features_step._feature_batches(X)
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"The 'on_error' parameter must be 'raise' or 'skip'; got {on_error!r}.")
+        batches, input_size, n_images, failed = features_step._feature_batches(X, on_error)
         maps = scores = None
         for rows, features in batches:
             if features.shape[-1] != detector.n_features_in_:
@@ -77,18 +81,22 @@ class PatchCorePipeline(Pipeline):
                 features, input_size if output_size_wanted else None
             )
             if scores is None:
-                scores = np.empty(n_images, dtype=np.float32)
+                scores = np.full(n_images, np.nan, dtype=np.float32)
                 maps = (
-                    np.empty((n_images, *batch_maps.shape[1:]), dtype=np.float32)
+                    np.full((n_images, *batch_maps.shape[1:]), np.nan, dtype=np.float32)
                     if output_size_wanted
                     else None
                 )
-            scores[rows.start : rows.stop] = batch_scores.cpu().numpy()
+            scores[rows] = batch_scores.cpu().numpy()
             if output_size_wanted:
-                maps[rows.start : rows.stop] = batch_maps.cpu().numpy()
+                maps[rows] = batch_maps.cpu().numpy()
+        if failed:
+            warnings.warn(SkippedImagesWarning(failed), stacklevel=3)
+            if scores is None:  # every image failed while decoding
+                raise ImageReadError("No image of X could be read: " + "; ".join(failed.values())[:2000])
         return maps, scores
 
-    def predict_map(self, X, *, return_scores: bool = False):
+    def predict_map(self, X, *, return_scores: bool = False, on_error: str = "raise"):
         """Anomaly heat maps of images at the model input size.
 
         Parameters
@@ -97,6 +105,11 @@ class PatchCorePipeline(Pipeline):
             Images, as for :class:`PatchFeatureTransformer`.
         return_scores : bool, default=False
             Also return the image anomaly scores (same pass, no extra cost).
+        on_error : {"raise", "skip"}, default="raise"
+            ``"skip"``: an image that cannot be read (missing, truncated, not an
+            image, 16-bit, alpha channel, ...) gets NaN map and score instead of
+            stopping the whole call; a :class:`~skpatchcore.SkippedImagesWarning`
+            lists each skipped position and why.
 
         Returns
         -------
@@ -106,23 +119,25 @@ class PatchCorePipeline(Pipeline):
         scores : ndarray of shape (n_images,)
             Only when ``return_scores=True``.
         """
-        maps, scores = self._streamed(X, output_size_wanted=True)
+        maps, scores = self._streamed(X, output_size_wanted=True, on_error=on_error)
         return (maps, scores) if return_scores else maps
 
-    def anomaly_score(self, X):
+    def anomaly_score(self, X, *, on_error: str = "raise"):
         """Image anomaly scores, higher = more anomalous.
 
         Parameters
         ----------
         X : array of shape (n_images, H, W[, C]) or sequence
             Images.
+        on_error : {"raise", "skip"}, default="raise"
+            As in :meth:`predict_map`: skipped images score NaN.
 
         Returns
         -------
         scores : ndarray of shape (n_images,)
             The paper's image scores.
         """
-        return self._streamed(X, output_size_wanted=False)[1]
+        return self._streamed(X, output_size_wanted=False, on_error=on_error)[1]
 
 
 def make_patchcore(*, memory=None, **params) -> PatchCorePipeline:

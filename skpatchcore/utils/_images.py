@@ -15,7 +15,7 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,24 @@ class ImageReadError(ValueError):
 
     The message names the offending item (file path or position in ``X``).
     """
+
+
+class SkippedImagesWarning(UserWarning):
+    """Some images were skipped (``on_error="skip"``); their results are NaN.
+
+    Attributes
+    ----------
+    skipped : dict of int to str
+        Position in ``X`` of each skipped image and why it was skipped.
+    """
+
+    def __init__(self, skipped: dict):
+        self.skipped = dict(skipped)
+
+    def __str__(self) -> str:
+        shown = "; ".join(self.skipped[i] for i in sorted(self.skipped)[:5])
+        more = f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
+        return f"Skipped {len(self.skipped)} image(s), their scores and maps are NaN: {shown}{more}"
 
 
 def _describe(item, index: int) -> str:
@@ -219,8 +237,10 @@ def decode(image: Image.Image, index: int = 0, source=None) -> Image.Image:
     try:
         image.load()
     except Image.DecompressionBombError as exc:
+        image.close()
         raise ImageReadError(f"{where}: refused, too many pixels ({exc}).") from None
     except (OSError, SyntaxError, ValueError) as exc:
+        image.close()
         raise ImageReadError(f"{where}: cannot be decoded, the file may be truncated ({exc}).") from None
     if image.mode in _CONVERT_TO_RGB:
         return image.convert("RGB")
@@ -246,9 +266,15 @@ class ImageSet:
     items: Sequence
     sizes: list
     n_channels: int
+    failed: dict = field(default_factory=dict)  # position -> reason, with skip_errors
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def valid(self) -> list[int]:
+        """Positions of the images that passed validation (all, unless errors are skipped)."""
+        return [i for i in range(len(self.items)) if i not in self.failed]
 
     def load(self, index: int) -> Image.Image | np.ndarray:
         """Pixels of image ``index``: PIL "L"/"RGB", or float32 ``(H, W, C)``."""
@@ -300,7 +326,7 @@ def _array_image(array: np.ndarray, where: str) -> Image.Image | np.ndarray:
     return array
 
 
-def check_images(X, *, expected_channels: int | None = None) -> ImageSet:
+def check_images(X, *, expected_channels: int | None = None, skip_errors: bool = False) -> ImageSet:
     """Validate ``X`` as a batch of images without decoding files.
 
     Parameters
@@ -310,6 +336,9 @@ def check_images(X, *, expected_channels: int | None = None) -> ImageSet:
         paths, PIL images or single-image arrays (sizes may differ).
     expected_channels : int, optional
         Channel count the model was fitted on; a mismatch is an error.
+    skip_errors : bool, default=False
+        Record a bad item in ``ImageSet.failed`` instead of raising (only
+        errors of single items; an empty or malformed ``X`` still raises).
 
     Returns
     -------
@@ -341,35 +370,26 @@ def check_images(X, *, expected_channels: int | None = None) -> ImageSet:
     if len(X) == 0:
         raise ValueError("X is empty: at least one image is required.")
 
-    items, sizes, channels = [], [], []
+    items, sizes, channels, failed = [], [], [], {}
     for index, item in enumerate(X):
-        where = _describe(item, index)
-        if isinstance(item, (str, os.PathLike)):
-            image = open_image(item, index)
-            sizes.append((image.height, image.width))
-            channels.append(channels_of_mode(image.mode))
-            image.close()
-            items.append(item)
-        elif isinstance(item, Image.Image):
-            _check_mode(item.mode, where)
-            sizes.append((item.height, item.width))
-            channels.append(channels_of_mode(item.mode))
-            items.append(item)
-        elif isinstance(item, np.ndarray):
-            image = _array_image(item, where)
-            if isinstance(image, Image.Image):
-                sizes.append((image.height, image.width))
-                channels.append(channels_of_mode(image.mode))
-            else:
-                sizes.append(image.shape[:2])
-                channels.append(image.shape[2])
-            items.append(image)
-        else:
-            raise TypeError(
-                f"{where}: expected a file path, a PIL image or an array; got {type(item).__name__}."
-            )
+        try:
+            image, size, n_channels = _check_item(item, index)
+            if skip_errors and expected_channels is not None and n_channels != expected_channels:
+                raise ImageReadError(
+                    f"{_describe(item, index)}: has {n_channels} channel(s), the model was fitted on "
+                    f"{expected_channels}."
+                )
+        except (ValueError, TypeError) as error:
+            if not skip_errors:
+                raise
+            failed[index] = str(error)
+            image, size, n_channels = None, None, None
+        items.append(image)
+        sizes.append(size)
+        channels.append(n_channels)
 
-    distinct = sorted(set(channels))
+    kinds = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}
+    distinct = sorted({c for c in channels if c is not None})
     if len(distinct) > 1:
         first_gray = channels.index(1)
         first_rgb = channels.index(3)
@@ -378,14 +398,32 @@ def check_images(X, *, expected_channels: int | None = None) -> ImageSet:
             f"{_describe(X[first_gray], first_gray)} has 1 channel, "
             f"{_describe(X[first_rgb], first_rgb)} has 3); convert them to one kind first."
         )
-    n_channels = distinct[0]
+    n_channels = distinct[0] if distinct else expected_channels
     if expected_channels is not None and n_channels != expected_channels:
-        kinds = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}
         raise ValueError(
             f"X holds {kinds[n_channels]} images but the model was fitted on "
             f"{kinds[expected_channels]} images."
         )
-    return ImageSet(items=items, sizes=sizes, n_channels=n_channels)
+    return ImageSet(items=items, sizes=sizes, n_channels=n_channels, failed=failed)
+
+
+def _check_item(item, index: int):
+    """Validate one item of ``X``: (image to keep, (height, width), channels)."""
+    where = _describe(item, index)
+    if isinstance(item, (str, os.PathLike)):
+        image = open_image(item, index)
+        found = (image.height, image.width), channels_of_mode(image.mode)
+        image.close()
+        return item, *found
+    if isinstance(item, Image.Image):
+        _check_mode(item.mode, where)
+        return item, (item.height, item.width), channels_of_mode(item.mode)
+    if isinstance(item, np.ndarray):
+        image = _array_image(item, where)
+        if isinstance(image, Image.Image):
+            return image, (image.height, image.width), channels_of_mode(image.mode)
+        return image, image.shape[:2], image.shape[2]
+    raise TypeError(f"{where}: expected a file path, a PIL image or an array; got {type(item).__name__}.")
 
 
 def image_paths_in(folder, *, recursive: bool = False) -> list[Path]:
