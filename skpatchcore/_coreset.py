@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from .utils._device import resolve_device
+from .utils._device import as_tensor, resolve_device
 from .utils._pickling import VersionedPickleMixin
 from .utils._validation import check_labels, check_patch_features
 
@@ -261,7 +261,8 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         n_features = X.shape[-1]
         per_image = int(np.prod(X.shape[1:-1])) if X.ndim > 2 else 1
         candidates = np.arange(len(X)) if good is None else np.flatnonzero(good)
-        vectors = X[candidates].reshape(-1, n_features)
+        # Without labels every patch is a candidate: a view, no copy of the features.
+        vectors = X.reshape(-1, n_features) if good is None else X[candidates].reshape(-1, n_features)
         positions = (candidates[:, None] * per_image + np.arange(per_image)).ravel()
 
         n_select = max(1, int(len(vectors) * self.ratio))
@@ -336,7 +337,7 @@ def _greedy(vectors, n_select, projection_dim, n_starts, rng, device, progress) 
         points = vectors @ projection if projection is not None else np.ascontiguousarray(vectors)
         return greedy_indices_cpu(points, n_select, starts, progress)
     with torch.inference_mode():
-        points = torch.from_numpy(np.ascontiguousarray(vectors)).to(device)
+        points = as_tensor(np.ascontiguousarray(vectors)).to(device)
         if projection is not None:
             points = points @ torch.from_numpy(projection).to(device)
         return greedy_indices_torch(points, n_select, torch.from_numpy(starts).to(device), progress)

@@ -12,8 +12,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._maps import UPSAMPLING_MODES, anomaly_maps
-from ._search import NearestNeighborIndex
-from .utils._device import device_after_load, resolve_device
+from ._search import INDEX_KINDS, NearestNeighborIndex
+from .utils._device import as_tensor, device_after_load, resolve_device
 from .utils._pickling import VersionedPickleMixin
 from .utils._validation import check_labels, check_patch_features
 
@@ -54,6 +54,18 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         upsampled maps of :meth:`predict_map`; 0 disables smoothing.
     upsampling : {"bilinear", "nearest"}, default="bilinear"
         How patch scores are upsampled to the map size.
+    index : {"flat", "ivf", "hnsw"} or dict, default="flat"
+        Nearest-neighbour search over the bank. ``"flat"`` is exact.
+        ``"ivf"`` (faiss ``IndexIVFFlat``: about ``4 sqrt(n_bank)`` k-means
+        cells, 1 in 32 of them searched) and ``"hnsw"`` (faiss
+        ``IndexHNSWFlat``) are approximate, for banks too large for exact
+        search: a patch's reported neighbour is then sometimes not its
+        nearest, so its score comes out slightly high. Both are built
+        reproducibly and run on the CPU only (on CUDA the search stays exact,
+        with a warning). A dict sets their options, e.g. ``{"kind": "ivf",
+        "nlist": 1024, "nprobe": 64}`` or ``{"kind": "hnsw", "m": 32,
+        "ef_construction": 80, "ef_search": 128}``. ``benchmarks/ann.py``
+        measures recall, speed and AUROC of each.
     device : str or torch.device, default="auto"
         Where the search runs: the CPU (faiss), or CUDA (faiss-gpu when
         installed, else torch). ``"auto"`` picks CUDA when available.
@@ -116,6 +128,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         "contamination": [StrOptions({"auto"}), Interval(Real, 0.0, 0.5, closed="right")],
         "sigma": [Interval(Real, 0.0, None, closed="left")],
         "upsampling": [StrOptions(set(UPSAMPLING_MODES))],
+        "index": [StrOptions(set(INDEX_KINDS)), dict],
         "device": [str, torch.device, None],
         "allow_tf32": ["boolean"],
     }
@@ -129,6 +142,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         contamination="auto",
         sigma=4.0,
         upsampling="bilinear",
+        index="flat",
         device="auto",
         allow_tf32=False,
     ):
@@ -138,6 +152,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         self.contamination = contamination
         self.sigma = sigma
         self.upsampling = upsampling
+        self.index = index
         self.device = device
         self.allow_tf32 = allow_tf32
 
@@ -175,7 +190,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             )
         self.device_ = resolve_device(self.device)
         self.memory_bank_ = np.ascontiguousarray(vectors[kept])
-        self._index = NearestNeighborIndex(self.memory_bank_, self.device_, self.allow_tf32)
+        self._index = NearestNeighborIndex(self.memory_bank_, self.device_, self.allow_tf32, self.index)
 
         bank_image = np.nonzero(kept)[0]
         good_images = np.arange(n_images) if good is None else np.flatnonzero(good)
@@ -207,7 +222,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             others = ~np.isin(bank_image, fold)
             if not others.any():
                 continue
-            index = NearestNeighborIndex(self.memory_bank_[others], self.device_, self.allow_tf32)
+            index = NearestNeighborIndex(self.memory_bank_[others], self.device_, self.allow_tf32, self.index)
             scores.append(self._scores(data[fold], index)[1])
         return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
 
@@ -233,7 +248,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     def _scores(self, data, index: NearestNeighborIndex) -> tuple[np.ndarray, np.ndarray]:
         """Patch scores (n, n_patches) and image scores (n,) of validated features, as arrays."""
-        patch_scores, image_scores = self._score_tensors(torch.as_tensor(data), index)
+        patch_scores, image_scores = self._score_tensors(as_tensor(data), index)
         return patch_scores.cpu().numpy(), image_scores.cpu().numpy()
 
     def _score_tensors(self, data: torch.Tensor, index: NearestNeighborIndex):
@@ -369,7 +384,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         scores : ndarray of shape (n_images,)
             Only when ``return_scores=True``: :meth:`anomaly_score` of each image.
         """
-        maps, image_scores = self._map_tensors(torch.as_tensor(self._validated(X)), output_size)
+        maps, image_scores = self._map_tensors(as_tensor(self._validated(X)), output_size)
         maps, image_scores = maps.cpu().numpy(), image_scores.cpu().numpy()
         return (maps, image_scores) if return_scores else maps
 
@@ -384,4 +399,4 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     def _after_unpickle(self):
         if "memory_bank_" in self.__dict__:
             self.device_ = device_after_load(self.device_, type(self).__name__)
-            self._index = NearestNeighborIndex(self.memory_bank_, self.device_, self.allow_tf32)
+            self._index = NearestNeighborIndex(self.memory_bank_, self.device_, self.allow_tf32, self.index)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .utils._device import as_tensor
 
 UPSAMPLING_MODES = ("bilinear", "nearest")
 
@@ -57,7 +58,7 @@ def anomaly_maps(
     own device and a tensor is returned; an array gives an array.
     """
     as_array = not torch.is_tensor(patch_scores)
-    scores = torch.as_tensor(np.asarray(patch_scores) if as_array else patch_scores, dtype=torch.float32)
+    scores = as_tensor(patch_scores).to(torch.float32)
     parts = []
     with torch.inference_mode():
         for chunk in scores.split(_MAP_CHUNK):

@@ -6,6 +6,7 @@ import contextlib
 import threading
 import warnings
 
+import numpy as np
 import torch
 
 _PRECISION_LOCK = threading.RLock()
@@ -76,3 +77,20 @@ def cuda_precision(allow_tf32: bool = False):
             yield
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def as_tensor(data) -> torch.Tensor:
+    """A tensor sharing memory with ``data`` (no copy), read-only arrays included.
+
+    torch warns that writing into a tensor made from a read-only array (a
+    memory map, a joblib-shared array) is undefined; skpatchcore only reads
+    such tensors, so that warning says nothing useful here.
+    """
+    if torch.is_tensor(data):
+        return data
+    array = np.asarray(data)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
