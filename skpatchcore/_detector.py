@@ -18,9 +18,12 @@ from .utils._pickling import VersionedPickleMixin
 from .utils._validation import check_labels, check_patch_features
 
 # Out-of-fold calibration of the threshold scores at most this many query
-# vectors (16 images of 28 x 28 patches), in this many folds.
+# vectors (16 images of 28 x 28 patches), in at most this many folds: with 16
+# or fewer calibration images each image is scored against the bank without
+# its own patches alone (leave-one-image-out), so the bank it meets is nearly
+# the full one, as it is for a new image.
 _CALIBRATION_QUERIES = 16 * 784
-_CALIBRATION_FOLDS = 4
+_CALIBRATION_FOLDS = 16
 # Query vectors searched per step when scoring, to bound memory.
 _SEARCH_CHUNK = 65536
 
@@ -104,8 +107,11 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     **Threshold.** A training image's own patches sit in the bank, so its
     in-sample score says little about new good images. ``fit`` therefore
-    scores up to 16 good training images (evenly spaced, in 4 folds) against
-    the bank *without their own patches*. With ``contamination="auto"`` the
+    scores good training images against the bank *without their own
+    patches*: up to 12,544 patch vectors' worth of them (16 images of 28 x 28
+    patches), evenly spaced, each left out alone when there are at most 16
+    (else in 16 folds); the search is exact even when ``index`` is
+    approximate. With ``contamination="auto"`` the
     threshold is the largest of these out-of-fold scores; with a float ``c``
     it is their ``1 - c`` quantile. For production, choose a threshold on
     held-out images of your own and set it with ``set_threshold``.
@@ -173,6 +179,16 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         -------
         self : PatchCoreDetector
             The fitted detector.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchCoreDetector
+        >>> features = np.random.default_rng(0).normal(size=(4, 8, 8, 16)).astype(np.float32)
+        >>> PatchCoreDetector(device="cpu").fit(features).memory_bank_.shape
+        (256, 16)
+        >>> PatchCoreDetector(device="cpu").fit(features, y=[1, 1, 1, -1]).memory_bank_.shape
+        (192, 16)
         """
         mask = np.ma.getmask(X)
         data = check_patch_features(self, X, reset=True)
@@ -222,7 +238,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             others = ~np.isin(bank_image, fold)
             if not others.any():
                 continue
-            index = NearestNeighborIndex(self.memory_bank_[others], self.device_, self.allow_tf32, self.index)
+            index = NearestNeighborIndex(self.memory_bank_[others], self.device_, self.allow_tf32, "flat")
             scores.append(self._scores(data[fold], index)[1])
         return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
 
@@ -238,6 +254,20 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         -------
         self : PatchCoreDetector
             The detector, with ``threshold_`` and ``offset_`` updated.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchCoreDetector
+        >>> rng = np.random.default_rng(0)
+        >>> detector = PatchCoreDetector(device="cpu").fit(rng.normal(size=(200, 8)).astype(np.float32))
+        >>> X = np.array([[0.0] * 8, [9.0] * 8], dtype=np.float32)  # a typical vector, a far one
+        >>> detector.predict(X)
+        array([ 1, -1])
+        >>> detector.set_threshold(1e6).predict(X)
+        array([1, 1])
+        >>> detector.offset_
+        -1000000.0
         """
         threshold = float(threshold)
         if not np.isfinite(threshold):
@@ -315,6 +345,17 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         -------
         scores : ndarray of shape (n_images,)
             Largest patch score of each image (re-weighted if enabled).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchCoreDetector
+        >>> rng = np.random.default_rng(0)
+        >>> detector = PatchCoreDetector(device="cpu").fit(rng.normal(size=(200, 8)).astype(np.float32))
+        >>> X = np.array([[0.0] * 8, [9.0] * 8], dtype=np.float32)  # a typical vector, a far one
+        >>> scores = detector.anomaly_score(X)
+        >>> bool(scores[0] < detector.threshold_ < scores[1])
+        True
         """
         return self._scores(self._validated(X), self._index)[1]
 
@@ -330,6 +371,16 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         -------
         scores : ndarray of shape (n_images,)
             ``-anomaly_score(X)``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchCoreDetector
+        >>> rng = np.random.default_rng(0)
+        >>> detector = PatchCoreDetector(device="cpu").fit(rng.normal(size=(200, 8)).astype(np.float32))
+        >>> X = np.array([[0.0] * 8, [9.0] * 8], dtype=np.float32)  # a typical vector, a far one
+        >>> np.array_equal(detector.score_samples(X), -detector.anomaly_score(X))
+        True
         """
         return -self.anomaly_score(X)
 
@@ -345,6 +396,16 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         -------
         decision : ndarray of shape (n_images,)
             ``score_samples(X) - offset_``, i.e. ``threshold_ - anomaly_score(X)``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchCoreDetector
+        >>> rng = np.random.default_rng(0)
+        >>> detector = PatchCoreDetector(device="cpu").fit(rng.normal(size=(200, 8)).astype(np.float32))
+        >>> X = np.array([[0.0] * 8, [9.0] * 8], dtype=np.float32)  # a typical vector, a far one
+        >>> (detector.decision_function(X) < 0).tolist()
+        [False, True]
         """
         return self.score_samples(X) - self.offset_
 
@@ -360,6 +421,16 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         -------
         labels : ndarray of shape (n_images,)
             +1 where ``decision_function(X) >= 0``, else -1.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchCoreDetector
+        >>> rng = np.random.default_rng(0)
+        >>> detector = PatchCoreDetector(device="cpu").fit(rng.normal(size=(200, 8)).astype(np.float32))
+        >>> X = np.array([[0.0] * 8, [9.0] * 8], dtype=np.float32)  # a typical vector, a far one
+        >>> detector.predict(X)
+        array([ 1, -1])
         """
         return np.where(self.decision_function(X) >= 0, 1, -1)
 
@@ -383,6 +454,19 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             The heat maps.
         scores : ndarray of shape (n_images,)
             Only when ``return_scores=True``: :meth:`anomaly_score` of each image.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchCoreDetector
+        >>> features = np.random.default_rng(0).normal(size=(3, 8, 8, 16)).astype(np.float32)
+        >>> detector = PatchCoreDetector(device="cpu").fit(features[:2])
+        >>> grid = detector.predict_map(features[2:])  # the raw patch scores
+        >>> maps, scores = detector.predict_map(features[2:], output_size=(64, 64), return_scores=True)
+        >>> grid.shape, maps.shape, scores.shape
+        ((1, 8, 8), (1, 64, 64), (1,))
+        >>> bool(grid.max() == scores[0])  # the image score is the largest patch score
+        True
         """
         maps, image_scores = self._map_tensors(as_tensor(self._validated(X)), output_size)
         maps, image_scores = maps.cpu().numpy(), image_scores.cpu().numpy()

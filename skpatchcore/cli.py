@@ -24,7 +24,6 @@ import time
 import warnings
 from pathlib import Path
 
-import joblib
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -33,6 +32,7 @@ from ._backbones import OFFLINE_BACKBONES, BackboneError
 from ._coreset import GreedyCoresetSampler
 from ._demo import make_demo_dataset
 from ._features import PatchFeatureTransformer
+from ._persistence import ModelFileError, load, save
 from ._pipeline import PatchCorePipeline, make_patchcore
 from ._version import __version__
 from .datasets import _reworded, load_masks, load_mvtec_category
@@ -51,53 +51,31 @@ _DEMO_DATA_NAME = "synthetic_plates"
 _USER_ERRORS = (ValueError, TypeError, OSError, ImageReadError, BackboneError)
 
 
-class ModelFileError(ValueError):
-    """A file given as a model was not written by ``skpatchcore fit``."""
-
-
 # --------------------------------------------------------------------------
 # Model files: the only place that reads or writes them.
 # --------------------------------------------------------------------------
 
-_MODEL_KEY = "skpatchcore_model"
-
 
 def _save_model(model: PatchCorePipeline, path) -> None:
-    """Write a fitted pipeline to ``path`` (creating its folder)."""
+    """Write a fitted pipeline to ``path`` (creating its folder) with :func:`skpatchcore.save`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump({_MODEL_KEY: __version__, "model": model}, path)
+    save(model, path)
 
 
 def _load_model(path) -> PatchCorePipeline:
-    """Read a pipeline written by :func:`_save_model`; any other file is a :class:`ModelFileError`.
+    """Read a pipeline written by :func:`_save_model` with :func:`skpatchcore.load`.
 
-    The file is a pickle: loading one runs code, so only load model files you trust. A model
-    written by another skpatchcore version loads with the estimators' ModelVersionWarning.
+    The file format holds no pickle, so loading cannot run code; a file that is not a model
+    file, or is truncated, modified or of a newer format, is refused with a one-line error.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"The model file {os.fspath(path)!r} does not exist.")
-    if not path.is_file():
-        raise ModelFileError(f"The model {os.fspath(path)!r} is a folder; give the file written by 'fit'.")
-    try:
-        content = joblib.load(path)
-    except BackboneError:
-        raise  # our model, but its backbone cannot be rebuilt here: that message says why
-    except Exception as exc:  # noqa: BLE001 - whatever a foreign file makes the unpickler raise
+    model = load(path)
+    if not isinstance(model, PatchCorePipeline):
         raise ModelFileError(
-            f"{os.fspath(path)!r} is not a skpatchcore model file (it cannot be read as one); "
-            "give a file written by 'skpatchcore fit'."
-        ) from exc
-    if not (
-        isinstance(content, dict)
-        and _MODEL_KEY in content
-        and isinstance(content.get("model"), PatchCorePipeline)
-    ):
-        raise ModelFileError(
-            f"{os.fspath(path)!r} is not a skpatchcore model file; give a file written by 'skpatchcore fit'."
+            f"{os.fspath(path)!r} holds a single {type(model).__name__}, not a pipeline; give a file "
+            "written by 'skpatchcore fit'."
         )
-    return content["model"]
+    return model
 
 
 # --------------------------------------------------------------------------

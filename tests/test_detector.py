@@ -78,10 +78,11 @@ def test_sign_conventions_follow_scikit_learn_outlier_detectors():
 
 def test_threshold_is_calibrated_on_out_of_fold_scores():
     # Each image holds one isolated vector, so its in-sample score would be 0.
+    # 40 one-vector images are calibrated in 16 folds.
     rng = np.random.default_rng(5)
     train = rng.normal(size=(40, 8)).astype(np.float32)
     detector = PatchCoreDetector(device="cpu").fit(train)
-    folds = np.array_split(np.arange(40), 4)
+    folds = np.array_split(np.arange(40), 16)
     expected = []
     for fold in folds:
         others = np.setdiff1d(np.arange(40), fold)
@@ -169,3 +170,13 @@ def test_test_features_that_do_not_match_the_bank_are_refused(X, message):
 def test_a_single_good_image_warns_that_the_threshold_is_in_sample():
     with pytest.warns(UserWarning, match="could not be calibrated"):
         PatchCoreDetector(device="cpu").fit(random_features(1))
+
+
+def test_few_images_are_each_calibrated_against_all_the_others():
+    train = random_features(6, seed=12)
+    detector = PatchCoreDetector(device="cpu").fit(train)
+    expected = []
+    for i in range(6):
+        others = np.delete(train, i, axis=0).reshape(-1, 12)
+        expected.append(brute_force_distances(train[i].reshape(-1, 12), others).min(axis=1).max())
+    np.testing.assert_allclose(detector.calibration_scores_, expected, rtol=1e-5)
