@@ -348,7 +348,20 @@ def _check_layers(model: nn.Module, layers, name: str) -> tuple[str, ...]:
 
 
 def known_backbones() -> list[str]:
-    """Names in the registry (any torchvision or timm model name also works)."""
+    """Names in the registry (any torchvision or timm model name also works).
+
+    Returns
+    -------
+    names : list of str
+        The registered backbone names, sorted. Each comes with default
+        layers, so ``layers`` may be left out for it.
+
+    Examples
+    --------
+    >>> from skpatchcore import known_backbones
+    >>> "efficientnet_lite0" in known_backbones()
+    True
+    """
     return sorted(REGISTRY)
 
 

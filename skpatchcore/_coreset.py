@@ -255,6 +255,15 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         -------
         self : GreedyCoresetSampler
             The fitted sampler.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import GreedyCoresetSampler
+        >>> X = np.random.default_rng(0).normal(size=(500, 16)).astype(np.float32)
+        >>> sampler = GreedyCoresetSampler(ratio=0.1, random_state=0).fit(X)
+        >>> len(sampler.sample_indices_), sampler.n_patches_seen_
+        (50, 500)
         """
         X = check_patch_features(self, X, reset=True)
         good = check_labels(y, len(X))
@@ -294,6 +303,17 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         X_masked : numpy.ma.MaskedArray, same shape as X
             The same values; the mask is True on every patch not in the coreset
             (it is a read-only broadcast view, costing no memory per feature).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import GreedyCoresetSampler
+        >>> features = np.random.default_rng(0).normal(size=(2, 4, 4, 16)).astype(np.float32)
+        >>> masked = GreedyCoresetSampler(ratio=0.25, random_state=0).fit_transform(features)
+        >>> masked.shape
+        (2, 4, 4, 16)
+        >>> int((~masked.mask[..., 0]).sum())  # patches kept: 25 % of 32
+        8
         """
         self.fit(X, y)
         X = check_patch_features(self, X, reset=False)
@@ -314,6 +334,15 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         -------
         X : ndarray
             The validated features, values unchanged.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import GreedyCoresetSampler
+        >>> features = np.random.default_rng(0).normal(size=(2, 4, 4, 16)).astype(np.float32)
+        >>> sampler = GreedyCoresetSampler(ratio=0.25, random_state=0).fit(features)
+        >>> np.array_equal(sampler.transform(features), features)
+        True
         """
         check_is_fitted(self)
         return check_patch_features(self, X, reset=False)

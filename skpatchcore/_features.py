@@ -180,6 +180,16 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         -------
         self : PatchFeatureTransformer
             The fitted transformer.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchFeatureTransformer
+        >>> images = np.zeros((2, 64, 64), dtype=np.uint8)  # two grayscale images
+        >>> transformer = PatchFeatureTransformer(backbone="efficientnet_lite0", image_size=64,
+        ...                                       crop_size=None, device="cpu").fit(images)
+        >>> transformer.layers_, transformer.n_channels_, transformer.n_features_out_
+        (('blocks.2', 'blocks.4'), 1, 1024)
         """
         geometry = self._geometry()
         if self.patch_size % 2 == 0:
@@ -218,9 +228,20 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
         Returns
         -------
-        features : ndarray of shape (n_images, h, w, n_features_out_), float32
-            One vector per location of the first layer's feature map (28 x 28
-            for a 224 px input and a stride-8 first layer).
+        features : ndarray of shape (n_images, h, w, d), float32
+            One vector of ``d = n_features_out_`` values per location of the
+            first layer's feature map (28 x 28 for a 224 px input and a
+            stride-8 first layer).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchFeatureTransformer
+        >>> images = np.random.default_rng(0).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+        >>> transformer = PatchFeatureTransformer(backbone="efficientnet_lite0", image_size=(64, 96),
+        ...                                       crop_size=None, device="cpu").fit(images)
+        >>> transformer.transform(images).shape  # a 64 x 96 input has an 8 x 12 grid
+        (2, 8, 12, 1024)
         """
         return self._transform(X)[0]
 

@@ -118,6 +118,17 @@ class PatchCorePipeline(Pipeline):
             (224 x 224 with the defaults).
         scores : ndarray of shape (n_images,)
             Only when ``return_scores=True``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import make_patchcore
+        >>> images = np.random.default_rng(0).integers(96, 160, (4, 64, 64, 3), dtype=np.uint8)
+        >>> model = make_patchcore(backbone="efficientnet_lite0", image_size=64, crop_size=None,
+        ...                        random_state=0, device="cpu").fit(images[:3])
+        >>> maps, scores = model.predict_map(images[3:], return_scores=True)
+        >>> maps.shape, scores.shape
+        ((1, 64, 64), (1,))
         """
         maps, scores = self._streamed(X, output_size_wanted=True, on_error=on_error)
         return (maps, scores) if return_scores else maps
@@ -136,6 +147,17 @@ class PatchCorePipeline(Pipeline):
         -------
         scores : ndarray of shape (n_images,)
             The paper's image scores.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import make_patchcore
+        >>> images = np.random.default_rng(0).integers(96, 160, (4, 64, 64, 3), dtype=np.uint8)
+        >>> model = make_patchcore(backbone="efficientnet_lite0", image_size=64, crop_size=None,
+        ...                        random_state=0, device="cpu").fit(images[:3])
+        >>> scores = model.anomaly_score(images[3:])
+        >>> bool(np.allclose(scores, -model.score_samples(images[3:])))
+        True
         """
         return self._streamed(X, output_size_wanted=False, on_error=on_error)[1]
 
