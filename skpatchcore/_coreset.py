@@ -175,9 +175,13 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
     ratio : float, default=0.1
         Fraction of patch vectors kept, in (0, 1]. At least one is kept; 1.0
         keeps all without running the greedy loop.
-    projection_dim : int, default=128
+    projection_dim : int, default=256
         Dimension of the random projection used only for choosing. When the
         features have at most this many dimensions they are used as they are.
+        The reference code uses 128; projecting the 152-dimensional default
+        features of efficientnet_lite0 down to 128 measurably lowered image
+        AUROC on Magnetic Tile (0.789 -> 0.768 at 1 %), so the default keeps
+        small features whole.
     n_starts : int, default=10
         Number of random points whose mean distance starts the search.
     random_state : int, RandomState instance or None, default=None
@@ -230,7 +234,7 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
     }
 
     def __init__(
-        self, ratio=0.1, *, projection_dim=128, n_starts=10, random_state=None, device="auto", verbose=0
+        self, ratio=0.1, *, projection_dim=256, n_starts=10, random_state=None, device="auto", verbose=0
     ):
         self.ratio = ratio
         self.projection_dim = projection_dim

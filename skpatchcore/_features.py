@@ -49,20 +49,23 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         fails with a message saying what to do). A path loads a local
         state_dict strictly. None keeps random weights (only useful for
         timing).
-    image_size : int or (int, int) or None, default=256
+    image_size : int or (int, int) or None, default=320
         An int resizes the shorter side to that many pixels keeping the aspect
         ratio (bilinear, as torchvision's ``Resize``); a pair resizes to exactly
-        ``(height, width)``; None keeps the original size.
-    crop_size : int or (int, int) or None, default=224
-        Centre crop after resizing; None keeps the whole resized image.
+        ``(height, width)``; None keeps the original size. The paper uses 256.
+    crop_size : int or (int, int) or None, default=288
+        Centre crop after resizing; None keeps the whole resized image. The
+        paper uses 224.
     patch_size : int, default=3
         Side of the neighbourhood aggregated around each location (odd).
-    aggregation : {"reference", "mean"}, default="reference"
-        ``"reference"`` reproduces the reference code's flattened 1-D adaptive
-        average pooling of the unfolded neighbourhood to ``pretrain_dim`` per
-        layer, then to ``target_dim`` over the stacked layers. ``"mean"``
-        averages each channel over its neighbourhood and concatenates the
-        layers; ``target_dim`` then applies only if it shrinks the vector.
+    aggregation : {"mean", "reference"}, default="mean"
+        ``"mean"`` averages each channel over its neighbourhood and
+        concatenates the layers; ``target_dim`` then applies only if it
+        shrinks the vector. ``"reference"`` reproduces the reference code's
+        flattened 1-D adaptive average pooling of the unfolded neighbourhood to
+        ``pretrain_dim`` per layer, then to ``target_dim`` over the stacked
+        layers (use it with ``image_size=256, crop_size=224`` to reproduce the
+        paper).
     pretrain_dim : int, default=1024
         Per-layer dimension in ``"reference"`` aggregation.
     target_dim : int, default=1024
@@ -100,6 +103,12 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
     Notes
     -----
+    **Defaults.** ``aggregation="mean"`` at 320 px with a 288 px crop were
+    chosen by measurement on both shared data sets (MPDD metal_plate and
+    Magnetic Tile, coreset 1 % and 10 %, efficientnet_lite0): they beat the
+    paper's reference aggregation at 256 / 224 on image AUROC, pixel AUROC and
+    AUPRO everywhere; see the tuning page of the documentation for the tables.
+
     Grayscale images are fed to the backbone as three identical channels.
     uint8 arrays and image files are resized by PIL (as the reference code);
     float arrays are resized channel by channel in float, without rounding.
@@ -112,7 +121,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     >>> features = PatchFeatureTransformer(backbone="efficientnet_lite0", image_size=64,
     ...                                    crop_size=None, device="cpu").fit_transform(images)
     >>> features.shape
-    (2, 8, 8, 1024)
+    (2, 8, 8, 152)
     """
 
     _parameter_constraints: dict = {
@@ -137,10 +146,10 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         *,
         layers=None,
         weights="imagenet",
-        image_size=256,
-        crop_size=224,
+        image_size=320,
+        crop_size=288,
         patch_size=3,
-        aggregation="reference",
+        aggregation="mean",
         pretrain_dim=1024,
         target_dim=1024,
         batch_size="auto",

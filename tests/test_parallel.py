@@ -11,8 +11,9 @@ Tolerances stated here (measured with efficientnet_lite0 at 64 px on the CPU):
   run torch on fewer threads, whose CPU convolutions round differently (also
   ~1e-6). Either way the search's float32 distance products round
   differently too: image scores then move by at most ``SCORE_RTOL``
-  (relative; measured 3e-6) and map values by at most ``MAP_TOL`` times the
-  largest map value (measured 5e-4: faiss computes ``|x|^2 + |y|^2 - 2 x.y``,
+  (relative; measured up to 1.5e-5 with the default 152-value features) and
+  map values by at most ``MAP_TOL`` times the largest map value (measured
+  5e-4: faiss computes ``|x|^2 + |y|^2 - 2 x.y``,
   which loses relative precision where a patch is close to the bank, i.e. in
   the smallest map values).
 """
@@ -35,7 +36,7 @@ from .conftest import textured_parts
 
 SMALL = {"backbone": "efficientnet_lite0", "image_size": 64, "crop_size": None, "device": "cpu"}
 BATCH_FEATURE_TOL = 1e-6
-SCORE_RTOL = 1e-5
+SCORE_RTOL = 5e-5
 MAP_TOL = 1e-3
 
 

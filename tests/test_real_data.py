@@ -14,7 +14,17 @@ def test_mpdd_metal_plate_reaches_the_reference_codes_quality():
     # The reference implementation with the same backbone and settings measured 0.973 / 0.982.
     data = load_mvtec_category(MPDD)
     model = make_patchcore(
-        backbone="efficientnet_lite0", aggregation="reference", ratio=0.1, random_state=0, device="cpu"
+        backbone="efficientnet_lite0",
+        aggregation="reference",
+        image_size=256,
+        crop_size=224,
+        pretrain_dim=1024,
+        target_dim=1024,
+        projection_dim=128,
+        n_neighbors=1,
+        ratio=0.1,
+        random_state=0,
+        device="cpu",
     )
     model.fit(data.train_paths)
     maps, scores = model.predict_map(data.test_paths, return_scores=True)

@@ -1,0 +1,166 @@
+"""Option sweeps for the tuning page: one table per option, every data set and ratio.
+
+Features are computed once per (data set, feature settings) and cached on disk,
+so sweeping coreset and detector options costs only the coreset, the search
+and the metrics. Each table row is one configuration; the first column of
+settings is the option under study. Defaults are chosen from these tables
+(DESIGN: one set of defaults for all data, no per-data-set tuning).
+
+    python benchmarks/tune.py --study aggregation            # one study
+    python benchmarks/tune.py --study all --out benchmarks/results
+
+Studies are defined in STUDIES below; each maps a name to a list of
+(feature settings, detector settings) variants applied on top of BASE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from skpatchcore import GreedyCoresetSampler, PatchCoreDetector, PatchFeatureTransformer
+from skpatchcore.datasets import load_masks, load_mvtec_category
+from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+
+DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+CATEGORIES = {"mpdd/metal_plate": "mpdd/metal_plate", "magnetic_tile": "magnetic_tile/magnetic_tile"}
+
+# Settings every variant starts from (the reference code's geometry and dims).
+BASE_FEATURES = {"backbone": "efficientnet_lite0", "image_size": 256, "crop_size": 224}
+BASE_DETECTOR: dict = {}
+
+STUDIES = {
+    "aggregation": [
+        ({"aggregation": "reference"}, {}),
+        ({"aggregation": "reference", "pretrain_dim": 384, "target_dim": 384}, {}),
+        ({"aggregation": "mean"}, {}),
+    ],
+    "geometry": [
+        ({"aggregation": "mean"}, {}),
+        ({"aggregation": "mean", "image_size": 320, "crop_size": 288}, {}),
+        ({"aggregation": "mean", "image_size": (256, 256), "crop_size": None}, {}),
+        ({"aggregation": "mean", "image_size": (320, 320), "crop_size": None}, {}),
+    ],
+    "layers": [
+        ({"aggregation": "mean"}, {}),
+        ({"aggregation": "mean", "layers": ["blocks.2", "blocks.3", "blocks.4"]}, {}),
+        ({"aggregation": "mean", "layers": ["blocks.2.1.bn1", "blocks.4.2.bn1"]}, {}),
+    ],
+    "scoring": [
+        ({"aggregation": "mean"}, {}),
+        ({"aggregation": "mean"}, {"reweight_neighbors": 9}),
+        ({"aggregation": "mean"}, {"n_neighbors": 3}),
+        ({"aggregation": "mean"}, {"distance": "squared"}),
+        ({"aggregation": "mean"}, {"upsampling": "nearest"}),
+        ({"aggregation": "mean"}, {"sigma": 2.0}),
+        ({"aggregation": "mean"}, {"sigma": 6.0}),
+    ],
+}
+
+
+def _cached_features(category: str, settings: dict, cache: Path):
+    key = hashlib.sha1(json.dumps([category, settings], sort_keys=True, default=str).encode()).hexdigest()[
+        :12
+    ]
+    stem = cache / f"{category.replace('/', '_')}-{key}"
+    data = load_mvtec_category(DATA_ROOT / CATEGORIES[category])
+    if not stem.with_suffix(".json").exists():
+        transformer = PatchFeatureTransformer(device="cpu", **settings).fit(data.train_paths[:1])
+        np.save(stem.with_suffix(".train.npy"), transformer.transform(data.train_paths))
+        test, size = transformer._transform(data.test_paths)
+        np.save(stem.with_suffix(".test.npy"), test)
+        stem.with_suffix(".json").write_text(json.dumps({"size": size}))
+    size = tuple(json.loads(stem.with_suffix(".json").read_text())["size"])
+    masks = load_masks(
+        data.test_mask_paths,
+        data.test_paths,
+        image_size=settings["image_size"],
+        crop_size=settings["crop_size"],
+    )
+    train = np.load(stem.with_suffix(".train.npy"))
+    test = np.load(stem.with_suffix(".test.npy"), mmap_mode="r")
+    return train, test, size, data.test_labels, masks
+
+
+def evaluate(category, features, detector, ratio, seed, cache) -> dict:
+    settings = {**BASE_FEATURES, **features}
+    train, test, size, labels, masks = _cached_features(category, settings, cache)
+    start = time.perf_counter()
+    kept = GreedyCoresetSampler(ratio, random_state=seed, device="cpu").fit_transform(train)
+    model = PatchCoreDetector(device="cpu", **{**BASE_DETECTOR, **detector}).fit(kept)
+    maps, scores = model.predict_map(test, output_size=size, return_scores=True)
+    return {
+        "category": category,
+        "ratio": ratio,
+        "features": features,
+        "detector": detector,
+        "image_auroc": image_auroc(labels, scores),
+        "pixel_auroc": pixel_auroc(masks, maps),
+        "aupro": aupro(masks, maps),
+        "dims": int(train.shape[-1]),
+        "grid": list(train.shape[1:3]),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _label(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
+
+
+def markdown(study: str, rows: list[dict]) -> str:
+    lines = [
+        f"### {study}",
+        "",
+        "| data | coreset | feature settings | detector settings | grid x dims "
+        "| image AUROC | pixel AUROC | AUPRO |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['category']} | {r['ratio']:.0%} | {_label(r['features'])} | {_label(r['detector'])} | "
+            f"{r['grid'][0]}x{r['grid'][1]} x {r['dims']} | {r['image_auroc']:.3f} | "
+            f"{r['pixel_auroc']:.3f} | {r['aupro']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--study", nargs="+", default=["all"], help=f"one of {list(STUDIES)} or all")
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.01, 0.1])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default=None, help="feature cache folder (default: a temp folder)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    studies = list(STUDIES) if "all" in args.study else args.study
+    cache = Path(args.cache or tempfile.mkdtemp(prefix="skpatchcore-tune-"))
+    cache.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for study in studies:
+        rows = []
+        for category in args.categories:
+            if not (DATA_ROOT / CATEGORIES[category]).is_dir():
+                print(f"skipping {category}: not found under {DATA_ROOT}")
+                continue
+            for features, detector in STUDIES[study]:
+                for ratio in args.ratios:
+                    rows.append(evaluate(category, features, detector, ratio, args.seed, cache))
+                    print(json.dumps(rows[-1], default=str), flush=True)
+        (out / f"tuning-{study}.json").write_text(json.dumps(rows, indent=2, default=str))
+        (out / f"tuning-{study}.md").write_text(markdown(study, rows))
+        print(markdown(study, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
