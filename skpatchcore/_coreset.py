@@ -21,9 +21,12 @@ from .utils._validation import check_labels, check_patch_features
 # of 129 terms (~129 * 6e-8 = 7.7e-6 of the norms' product) with room to spare.
 _SLACK = 1e-4
 _GAMMA = 2e-5
-# Points whose bound rows are computed per batch; rows are made in blocks.
+# Points whose bound rows are computed per batch; rows are made in blocks of
+# _BLOCK_ROWS centres against _CHUNK_POINTS points at a time, so each pass over
+# the points serves many centres and the work buffer stays at 64 x 65536 floats.
 _BATCH_WIDTH = 1024
-_BLOCK_ELEMENTS = 1 << 22
+_BLOCK_ROWS = 64
+_CHUNK_POINTS = 65536
 
 
 def row_distances(points: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -75,7 +78,6 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
     augmented_t[:n_dims] = centered.T
     augmented_t[n_dims] = np.sqrt(_GAMMA * sq_norms)
     half_center = 0.5 * (1.0 - _GAMMA) * sq_norms
-    block = int(np.clip(_BLOCK_ELEMENTS // n_points, 8, 64))
     selected = np.empty(n_select, dtype=np.int64)
     count = 0
     while count < n_select:
@@ -93,11 +95,8 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
                 break  # the farthest point may now lie outside the batch
             if chosen not in candidates_of:
                 following = batch[rank[chosen] :]
-                rows = following[min_dist[following] >= tau][:block]
-                bounds = augmented_t[:, rows].T @ augmented_t
-                bounds -= half_point
-                for row, point in zip(bounds, rows):
-                    candidates_of[int(point)] = np.flatnonzero(row > half_center[point])
+                rows = following[min_dist[following] >= tau][:_BLOCK_ROWS]
+                candidates_of.update(_candidates(rows, augmented_t, half_point, half_center))
             candidates = candidates_of.pop(chosen)
             distances = row_distances(points[candidates], points[chosen])
             closer = distances < min_dist[candidates]
@@ -107,6 +106,21 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
             if progress is not None:
                 progress.update(1)
     return selected
+
+
+def _candidates(rows, augmented_t, half_point, half_center) -> dict[int, np.ndarray]:
+    """For each centre in ``rows``: the points its bound cannot rule out, as sorted indices."""
+    left = np.ascontiguousarray(augmented_t[:, rows].T)
+    thresholds = half_center[rows][:, None]
+    found: list[list[np.ndarray]] = [[] for _ in rows]
+    for start in range(0, augmented_t.shape[1], _CHUNK_POINTS):
+        bounds = left @ augmented_t[:, start : start + _CHUNK_POINTS]
+        bounds -= half_point[start : start + _CHUNK_POINTS]
+        hit_rows, hit_cols = np.nonzero(bounds > thresholds)
+        splits = np.searchsorted(hit_rows, np.arange(1, len(rows)))
+        for row, cols in enumerate(np.split(hit_cols, splits)):
+            found[row].append(cols + start)
+    return {int(point): np.concatenate(parts) for point, parts in zip(rows, found)}
 
 
 def _farthest_batch(min_dist: np.ndarray, width: int) -> tuple[np.ndarray, float, int]:

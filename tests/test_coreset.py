@@ -74,7 +74,7 @@ def test_sampler_projects_and_seeds_without_global_state():
     assert not np.array_equal(first, other)
     # the same selection, spelled out: project with the seeded Gaussian map, then the plain loop
     rng = np.random.RandomState(3)
-    expected = _greedy(X, 100, 128, 10, rng, torch.device("cpu"), None)
+    expected = _greedy(X, 100, GreedyCoresetSampler().projection_dim, 10, rng, torch.device("cpu"), None)
     np.testing.assert_array_equal(first, expected)
 
 
