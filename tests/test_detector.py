@@ -104,11 +104,13 @@ def test_set_threshold_moves_the_decision():
         detector.set_threshold(np.nan)
 
 
-def test_maps_are_bilinear_upsampling_then_scipy_gaussian():
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_maps_are_upsampling_then_scipy_gaussian(mode):
     patch = np.random.default_rng(6).random((3, 7, 9)).astype(np.float32)
-    maps = anomaly_maps(patch, (56, 72), sigma=4.0)
+    maps = anomaly_maps(patch, (56, 72), sigma=4.0, upsampling=mode)
+    corners = {"align_corners": False} if mode == "bilinear" else {}
     upsampled = torch.nn.functional.interpolate(
-        torch.from_numpy(patch)[:, None], size=(56, 72), mode="bilinear", align_corners=False
+        torch.from_numpy(patch)[:, None], size=(56, 72), mode=mode, **corners
     )[:, 0].numpy()
     expected = np.stack([ndimage.gaussian_filter(m.astype(np.float64), sigma=4.0) for m in upsampled])
     np.testing.assert_allclose(maps, expected, rtol=0, atol=1e-6 * expected.max())
