@@ -16,7 +16,7 @@ greedy coreset once (``--ratio``, default 0.1, ``random_state=0``), then fits
   index, divided by the number of test images;
 - **build s**: building one index on the whole bank; **fit s**:
   ``PatchCoreDetector.fit`` (bank, index and the out-of-fold threshold
-  calibration, which builds four more indexes);
+  calibration, which searches exactly, whatever the index);
 - **image AUROC / pixel AUROC** (``skpatchcore.metrics``) of the scores and
   maps computed from that search (patch score = distance to the reported
   neighbour, image score = its maximum, maps by ``skpatchcore._maps``, as the

@@ -30,6 +30,7 @@ extensions = [
     "sphinx_gallery.gen_gallery",
     "matplotlib.sphinxext.plot_directive",
     "cli_help",
+    "results_table",
 ]
 
 templates_path = ["_templates"]
@@ -47,6 +48,11 @@ numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_attributes_as_param_list = True
 numpydoc_xref_param_type = False
+
+# -- Measured tables (``.. results-table::``, ``.. anchor-comparison::``) --------
+# None reads benchmarks/results/ next to this folder; a missing file shows a
+# "not measured yet" note instead of failing the build.
+results_dir = None
 
 # -- doctest (sphinx-build -b doctest docs <out>) -----------------------------
 doctest_global_setup = "import numpy as np"

@@ -66,18 +66,18 @@ test_masks = [data.test_mask_paths[i] for i in test_index]
 # The variants
 # ------------
 # All use the offline ``efficientnet_lite0`` backbone, no crop and a 10 %
-# coreset. The first three change the image size, the fourth averages each
-# channel over the neighbourhood instead of the reference code's pooling
-# (152-value vectors instead of 1024), the last taps ``blocks.3`` instead of
-# ``blocks.4`` as the deeper stage. Another backbone is one more line, e.g.
-# ``{"backbone": "wide_resnet50_2", "image_size": 128}`` where its weights can be
-# downloaded.
+# coreset. The first three change the image size, the fourth uses the
+# reference code's pooling of the neighbourhood (``aggregation="reference"``,
+# 1024-value vectors) instead of the default per-channel mean (152 values),
+# the last taps ``blocks.3`` instead of ``blocks.4`` as the deeper stage.
+# Another backbone is one more line, e.g. ``{"backbone": "wide_resnet50_2",
+# "image_size": 128}`` where its weights can be downloaded.
 
 variants = {
     "96 px": {"image_size": 96},
     "128 px": {"image_size": 128},
     "160 px": {"image_size": 160},
-    "128 px, mean": {"image_size": 128, "aggregation": "mean"},
+    "128 px, reference": {"image_size": 128, "aggregation": "reference"},
     "128 px, blocks.2+3": {"image_size": 128, "layers": ["blocks.2", "blocks.3"]},
 }
 

@@ -109,11 +109,12 @@ for name, threshold in thresholds.items():
     print(f"{name:<32} {threshold:8.3f}: false alarms {false_alarms:5.0%}, defects caught {detections:5.0%}")
 
 # %%
-# The automatic threshold comes from training images scored against a bank
-# without their own fold's patches (here a quarter of the bank, as all 20
-# training images take part in the 4 folds), so on a small training set it
-# tends to sit high: few false alarms, but defects missed. The held-out images
-# are scored against the whole bank, like the images of the line.
+# The automatic threshold is the largest score of the training images, each
+# scored against the bank without its own patches (here all 20 training
+# images, in 16 folds of one or two), so that every training image meets
+# nearly the whole bank, as a new image does. Being a maximum, it follows the
+# single most unusual training image; the held-out quantile rests on images
+# the model has never seen, as on the line.
 #
 # The picture: each dot is one image's anomaly score; the curve shows every
 # possible threshold's trade-off on the test images.
@@ -170,8 +171,8 @@ print("truth:    ", test_labels)
 # this threshold (see :ref:`sphx_glr_auto_examples_plot_persistence.py`).
 # Fitting again resets it to the automatic one; ``contamination=0.05`` in
 # ``make_patchcore`` would instead take the 95 % quantile of the out-of-fold
-# training scores, which is quick but rests on fewer and less independent
-# images than a calibration run.
+# training scores, which is quick but rests on a sample of the training
+# images rather than on a calibration run of new parts.
 #
 # A decision rule with a review band
 # ----------------------------------

@@ -198,7 +198,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         >>> transformer = PatchFeatureTransformer(backbone="efficientnet_lite0", image_size=64,
         ...                                       crop_size=None, device="cpu").fit(images)
         >>> transformer.layers_, transformer.n_channels_, transformer.n_features_out_
-        (('blocks.2', 'blocks.4'), 1, 1024)
+        (('blocks.2', 'blocks.4'), 1, 152)
         """
         geometry = self._geometry()
         if self.patch_size % 2 == 0:
@@ -250,7 +250,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         >>> transformer = PatchFeatureTransformer(backbone="efficientnet_lite0", image_size=(64, 96),
         ...                                       crop_size=None, device="cpu").fit(images)
         >>> transformer.transform(images).shape  # a 64 x 96 input has an 8 x 12 grid
-        (2, 8, 12, 1024)
+        (2, 8, 12, 152)
         """
         return self._transform(X)[0]
 
