@@ -187,3 +187,14 @@ def test_predict_map_needs_the_feature_step_first(fitted):
     broken.fit(np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32))
     with pytest.raises(TypeError, match="PatchFeatureTransformer as the first step"):
         broken.predict_map(np.zeros((1, 4), np.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_scores_and_maps(good_parts, defective_parts):
+    images = defective_parts[0]
+    cpu = make_patchcore(ratio=1.0, **SMALL).fit(good_parts)
+    cuda = make_patchcore(ratio=1.0, **{**SMALL, "device": "cuda"}).fit(good_parts)
+    cpu_maps, cpu_scores = cpu.predict_map(images, return_scores=True)
+    cuda_maps, cuda_scores = cuda.predict_map(images, return_scores=True)
+    np.testing.assert_allclose(cuda_scores, cpu_scores, rtol=1e-4)
+    assert np.abs(cuda_maps - cpu_maps).max() <= 1e-4 * np.abs(cpu_maps).max()
