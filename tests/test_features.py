@@ -241,7 +241,8 @@ def test_custom_module_backbone_is_copied_not_mutated():
         device="cpu",
     )
     features = transformer.fit_transform(textured_parts(2))
-    assert features.shape == (2, 8, 8, 1024)
+    # Mean aggregation concatenates layer2 (128) and layer3 (256); target_dim=1024 would not shrink it.
+    assert features.shape == (2, 8, 8, 128 + 256)
     assert transformer.backbone is module and torch.equal(module.conv1.weight, weight)
     assert module.conv1.weight.requires_grad
 
