@@ -37,7 +37,7 @@ from ._pipeline import PatchCorePipeline, make_patchcore
 from ._version import __version__
 from .datasets import _reworded, load_masks, load_mvtec_category
 from .metrics import aupro, image_auroc, pixel_auroc
-from .utils._images import ImageReadError, image_paths_in, open_image
+from .utils._images import ImageReadError, SkippedImagesWarning, image_paths_in, open_image
 
 __all__ = ["main"]
 
@@ -117,8 +117,13 @@ def _training_images(data_dir) -> tuple[list[str], Path]:
     return paths, folder
 
 
-def _images_to_predict(inputs, recursive: bool) -> list[tuple[str, str]]:
-    """``(image path, overlay file name)`` for every image file given or found in a given folder."""
+def _images_to_predict(inputs, recursive: bool, check: bool = True) -> list[tuple[str, str]]:
+    """``(image path, overlay file name)`` for every image file given or found in a given folder.
+
+    With ``check`` every image's header is opened first, so that a bad file
+    stops the command before any work; without it bad files are left to
+    ``predict_map(on_error="skip")``.
+    """
     found: list[tuple[str, Path]] = []
     for item in inputs:
         path = Path(item)
@@ -134,7 +139,8 @@ def _images_to_predict(inputs, recursive: bool) -> list[tuple[str, str]]:
             found.append((os.fspath(item), Path(path.name)))
         else:
             raise FileNotFoundError(f"{item!r}: no such image file or folder.")
-    _check_readable([image for image, _ in found])
+    if check:
+        _check_readable([image for image, _ in found])
 
     named, used = [], set()
     for image, relative in found:
@@ -185,14 +191,33 @@ def _decisions(model: PatchCorePipeline, scores: np.ndarray) -> tuple[np.ndarray
 
 
 def _predict(
-    model: PatchCorePipeline, images: list[tuple[str, str]], out: Path, verbose: int
-) -> tuple[Path, int]:
+    model: PatchCorePipeline,
+    images: list[tuple[str, str]],
+    out: Path,
+    verbose: int,
+    skip_errors: bool = False,
+) -> tuple[Path, int, dict]:
     """Write ``scores.csv`` and one overlay per image under ``out``.
 
-    Returns the CSV path and the number of images predicted anomalous.
+    With ``skip_errors`` an image that cannot be read gets a row with empty
+    score, decision, label and overlay and the reason in an extra ``error``
+    column, instead of stopping the command.
+
+    Returns the CSV path, the number of images predicted anomalous and the
+    skipped images (position -> reason).
     """
     paths = [image for image, _ in images]
-    maps, scores = model.predict_map(paths, return_scores=True)
+    skipped: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedImagesWarning)
+        maps, scores = model.predict_map(
+            paths, return_scores=True, on_error="skip" if skip_errors else "raise"
+        )
+    for warning in caught:
+        if isinstance(warning.message, SkippedImagesWarning):
+            skipped.update(warning.message.skipped)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     decision, labels = _decisions(model, scores)
     geometry = model.named_steps["features"].geometry_
     threshold = model.named_steps["detector"].threshold_
@@ -201,21 +226,24 @@ def _predict(
     csv_path = out / "scores.csv"
     with open(csv_path, "w", newline="") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["path", "anomaly_score", "decision", "label", "overlay"])
+        writer.writerow(["path", "anomaly_score", "decision", "label", "overlay"] + ["error"] * skip_errors)
         progress = tqdm(images, desc="Writing overlays", unit="img", disable=not verbose)
         for index, (image, name) in enumerate(progress):
+            if index in skipped:
+                writer.writerow([image, "", "", "", "", skipped[index]])
+                continue
             overlay_path = overlay_dir / name
             _report.write_overlay(overlay_path, image, maps[index], geometry, threshold)
-            writer.writerow(
-                [
-                    image,
-                    repr(float(scores[index])),
-                    repr(float(decision[index])),
-                    int(labels[index]),
-                    overlay_path,
-                ]
-            )
-    return csv_path, int(np.sum(labels == -1))
+            row = [
+                image,
+                repr(float(scores[index])),
+                repr(float(decision[index])),
+                int(labels[index]),
+                overlay_path,
+            ]
+            writer.writerow(row + [""] * skip_errors)
+    flagged = int(np.sum(labels[np.isfinite(scores)] == -1))
+    return csv_path, flagged, skipped
 
 
 def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) -> dict:
@@ -346,10 +374,18 @@ def _command_fit(args) -> None:
 
 
 def _command_predict(args) -> None:
-    images = _images_to_predict(args.images, args.recursive)
+    images = _images_to_predict(args.images, args.recursive, check=not args.skip_errors)
     model = _loaded(args.model, _verbosity(args))
-    csv_path, n_flagged = _predict(model, images, Path(args.out), _verbosity(args))
-    _say(f"{n_flagged} of {len(images)} images flagged as anomalous.")
+    csv_path, n_flagged, skipped = _predict(
+        model, images, Path(args.out), _verbosity(args), skip_errors=args.skip_errors
+    )
+    if skipped:
+        print(
+            f"{_PROG}: warning: skipped {len(skipped)} unreadable image(s); see the 'error' column of "
+            f"{csv_path}",
+            file=sys.stderr,
+        )
+    _say(f"{n_flagged} of {len(images) - len(skipped)} images flagged as anomalous.")
     _say(f"Scores: {csv_path}")
     _say(f"Heat-map overlays: {Path(args.out) / 'overlays'}")
 
@@ -389,7 +425,7 @@ def _command_demo(args) -> None:
 
     _say("Predicting the test folder")
     images = _images_to_predict([os.path.join(data_dir, "test")], recursive=True)
-    csv_path, _ = _predict(model, images, out / "predictions", verbose)
+    csv_path, _, _ = _predict(model, images, out / "predictions", verbose)
 
     _say(f"\nDone in {time.perf_counter() - start:.0f} s. Outputs:")
     outputs = [("data", data_dir), ("model", model_path)]
@@ -515,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="skpatchcore-predictions", metavar="DIR", help="output folder (default: %(default)s)"
     )
     predict.add_argument("-r", "--recursive", action="store_true", help="also take images in sub-folders")
+    predict.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="score the readable images when some cannot be read, instead of stopping: the unreadable "
+        "ones get empty scores and the reason in an extra 'error' column of scores.csv",
+    )
     predict.set_defaults(handler=_command_predict)
 
     evaluate = commands.add_parser(

@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -75,7 +76,7 @@ def read_csv(path) -> list[dict]:
             ["fit"],
             ["DATA_DIR", "--output", "--backbone", "--ratio", "--image-size", "--crop-size", "--device"],
         ),
-        (["predict"], ["MODEL", "IMAGES_OR_DIR", "--out", "--recursive", "scores.csv"]),
+        (["predict"], ["MODEL", "IMAGES_OR_DIR", "--out", "--recursive", "--skip-errors", "scores.csv"]),
         (["evaluate"], ["MODEL", "DATA_DIR", "--out", "report.png"]),
         (["demo"], ["--data", "--out", "efficientnet_lite0"]),
     ],
@@ -176,6 +177,38 @@ def test_predict_writes_scores_and_overlays_at_the_original_size(
         with Image.open(path) as original, Image.open(overlay) as drawn:
             assert drawn.size == original.size and drawn.mode == "RGB"
     assert Image.open(out / "overlays" / "odd.png").size == (150, 120)
+
+
+def test_skip_errors_scores_the_readable_images_and_names_the_others(
+    model_file, api_model, plates, tmp_path, capsys
+):
+    good = sorted((plates / "test" / "good").glob("*.png"))[:2]
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good[0].read_bytes()[:300])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    inputs = [str(good[0]), str(truncated), str(good[1]), str(empty)]
+    out = tmp_path / "predictions"
+
+    # Without the option the first bad file stops the command before any work.
+    assert main(["predict", str(model_file), *inputs, "--out", str(out), "-q"]) == 2
+    assert "truncated.png" in capsys.readouterr().err and not (out / "scores.csv").exists()
+
+    assert main(["predict", str(model_file), *inputs, "--out", str(out), "--skip-errors", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 2 unreadable image(s)" in captured.err
+    rows = read_csv(out / "scores.csv")
+    assert [row["path"] for row in rows] == inputs
+    assert list(rows[0]) == ["path", "anomaly_score", "decision", "label", "overlay", "error"]
+    read = [rows[0], rows[2]]
+    expected = api_model.anomaly_score([str(good[0]), str(good[1])]).astype(np.float64)
+    assert np.array_equal([float(row["anomaly_score"]) for row in read], expected)
+    assert all(row["error"] == "" and Path(row["overlay"]).is_file() for row in read)
+    for row, name in ((rows[1], "truncated.png"), (rows[3], "empty.png")):
+        assert row["anomaly_score"] == row["label"] == row["overlay"] == ""
+        assert name in row["error"]
+    assert sorted(path.name for path in (out / "overlays").iterdir()) == sorted(p.name for p in good)
+    assert "of 2 images flagged" in captured.out
 
 
 def test_evaluate_reports_the_metrics_of_the_python_api(model_file, api_model, plates, tmp_path, capsys):
