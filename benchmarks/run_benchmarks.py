@@ -277,7 +277,13 @@ def run_config(spec: dict) -> dict:
     result["peak_rss_mb"] = peak_rss_mb()
 
     start = time.perf_counter()
-    masks = load_masks(mask_paths, test, image_size=features.image_size, crop_size=features.crop_size)
+    masks = load_masks(
+        mask_paths,
+        test,
+        image_size=features.image_size,
+        crop_size=features.crop_size,
+        resize_side=features.resize_side,
+    )
     result["input_size"] = list(maps.shape[1:])
     result["image_auroc"] = image_auroc(labels, scores)
     result["pixel_auroc"] = pixel_auroc(masks, maps)

@@ -58,6 +58,7 @@ STUDIES = {
         (DEFAULTS, {}, {}),
         ({**DEFAULTS, "image_size": (256, 256), "crop_size": None}, {}, {}),
         ({**DEFAULTS, "image_size": (320, 320), "crop_size": None}, {}, {}),
+        ({**DEFAULTS, "image_size": 320, "crop_size": 320, "resize_side": "longer"}, {}, {}),
     ],
     "layers": [
         (DEFAULTS, {}, {}),
@@ -94,6 +95,7 @@ def _cached_features(category: str, settings: dict, cache: Path):
         data.test_paths,
         image_size=settings["image_size"],
         crop_size=settings["crop_size"],
+        resize_side=settings.get("resize_side", "shorter"),
     )
     train = np.load(stem.with_suffix(".train.npy"))
     test = np.load(stem.with_suffix(".test.npy"), mmap_mode="r")

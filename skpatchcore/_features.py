@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ._aggregation import AGGREGATIONS, aggregate, build_stage_maps
 from ._backbones import BackboneError, build_backbone, fingerprint
 from .utils._device import cuda_precision, device_after_load, resolve_device
-from .utils._images import Geometry, ImageReadError, check_images
+from .utils._images import RESIZE_SIDES, Geometry, ImageReadError, check_images
 from .utils._pickling import VersionedPickleMixin
 
 
@@ -50,12 +50,20 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         state_dict strictly. None keeps random weights (only useful for
         timing).
     image_size : int or (int, int) or None, default=320
-        An int resizes the shorter side to that many pixels keeping the aspect
-        ratio (bilinear, as torchvision's ``Resize``); a pair resizes to exactly
-        ``(height, width)``; None keeps the original size. The paper uses 256.
+        An int resizes the shorter side (see ``resize_side``) to that many
+        pixels keeping the aspect ratio (bilinear, as torchvision's
+        ``Resize``); a pair resizes to exactly ``(height, width)``; None keeps
+        the original size. The paper uses 256.
     crop_size : int or (int, int) or None, default=288
-        Centre crop after resizing; None keeps the whole resized image. The
+        Centre crop after resizing; None keeps the whole resized image. A crop
+        larger than the resized image pads it with zeros (black), centred. The
         paper uses 224.
+    resize_side : {"shorter", "longer"}, default="shorter"
+        Which side an int ``image_size`` sets. ``"longer"`` fits the whole
+        image into ``image_size`` x ``image_size``; with
+        ``crop_size=image_size`` that letterboxes it (keeps the aspect ratio,
+        pads the short side), so no part of a long, thin part is cut away.
+        Ignored when ``image_size`` is a pair or None.
     patch_size : int, default=3
         Side of the neighbourhood aggregated around each location (odd).
     aggregation : {"mean", "reference"}, default="mean"
@@ -130,6 +138,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         "weights": [StrOptions({"imagenet"}), str, os.PathLike, None],
         "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "crop_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "resize_side": [StrOptions(set(RESIZE_SIDES))],
         "patch_size": [Interval(Integral, 1, None, closed="left")],
         "aggregation": [StrOptions(set(AGGREGATIONS))],
         "pretrain_dim": [Interval(Integral, 1, None, closed="left")],
@@ -148,6 +157,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         weights="imagenet",
         image_size=320,
         crop_size=288,
+        resize_side="shorter",
         patch_size=3,
         aggregation="mean",
         pretrain_dim=1024,
@@ -162,6 +172,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         self.weights = weights
         self.image_size = image_size
         self.crop_size = crop_size
+        self.resize_side = resize_side
         self.patch_size = patch_size
         self.aggregation = aggregation
         self.pretrain_dim = pretrain_dim
@@ -212,7 +223,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         return self
 
     def _geometry(self) -> Geometry:
-        return Geometry(self.image_size, self.crop_size)
+        return Geometry(self.image_size, self.crop_size, self.resize_side)
 
     def _set_backbone(self, extractor) -> None:
         """Attach the extractor, derive the per-layer maps and move both to ``device_``."""

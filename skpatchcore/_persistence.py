@@ -330,6 +330,7 @@ def _encode_fitted(value):
         return {
             "image_size": _encode(value.image_size, "geometry"),
             "crop_size": _encode(value.crop_size, "geometry"),
+            "resize_side": value.resize_side,
         }
     if isinstance(value, tuple):
         return list(value)
@@ -707,8 +708,11 @@ class _Loader:
     def _restore_features(self, estimator: PatchFeatureTransformer, fitted: dict, prefix: str | None):
         """Fitted state of the transformer; ``prefix`` names the stored weights of a user's module."""
         geometry = _field(fitted, "geometry_", dict, self.shown)
+        # Files written before resize_side existed resized the shorter side.
         estimator.geometry_ = Geometry(
-            _decode(geometry.get("image_size"), self.shown), _decode(geometry.get("crop_size"), self.shown)
+            _decode(geometry.get("image_size"), self.shown),
+            _decode(geometry.get("crop_size"), self.shown),
+            geometry.get("resize_side", "shorter"),
         )
         estimator.n_channels_ = _positive_int(fitted["n_channels_"])
         if estimator.n_channels_ not in (1, 3):

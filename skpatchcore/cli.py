@@ -259,7 +259,11 @@ def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) ->
         )
     features = model.named_steps["features"]
     masks = load_masks(
-        data.test_mask_paths, data.test_paths, image_size=features.image_size, crop_size=features.crop_size
+        data.test_mask_paths,
+        data.test_paths,
+        image_size=features.image_size,
+        crop_size=features.crop_size,
+        resize_side=features.resize_side,
     )
     maps, scores = model.predict_map(data.test_paths, return_scores=True)
     decision, predicted = _decisions(model, scores)
@@ -284,6 +288,7 @@ def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) ->
         "model": model_name,
         "image_size": features.image_size,
         "crop_size": features.crop_size,
+        "resize_side": features.resize_side,
         "skpatchcore_version": __version__,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -360,6 +365,7 @@ def _command_fit(args) -> None:
         "weights": args.weights,
         "image_size": args.image_size,
         "crop_size": args.crop_size,
+        "resize_side": args.resize_side,
         "ratio": args.ratio,
         "device": args.device,
         "random_state": args.seed,
@@ -519,14 +525,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=features.image_size,
         metavar="N|HxW|none",
-        help="resize the shorter side to N pixels, or to exactly HxW; none: keep it (default: %(default)s)",
+        help="resize the shorter side (see --resize-side) to N pixels, or to exactly HxW; none: keep it "
+        "(default: %(default)s)",
     )
     fit.add_argument(
         "--crop-size",
         type=_size,
         default=features.crop_size,
         metavar="N|HxW|none",
-        help="centre crop after resizing; none inspects the whole image (default: %(default)s)",
+        help="centre crop after resizing, padded with black where larger than the image; none inspects "
+        "the whole resized image (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--resize-side",
+        choices=["shorter", "longer"],
+        default=features.resize_side,
+        help="the side an --image-size N sets; 'longer' with --crop-size equal to N letterboxes: the "
+        "whole part is kept and the short side padded (default: %(default)s)",
     )
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     fit.add_argument(

@@ -252,8 +252,9 @@ def _hw(size: tuple[int, int]) -> str:
 def load_masks(
     mask_paths: Sequence,
     image_paths: Sequence,
-    image_size: int | tuple[int, int] | None = 256,
-    crop_size: int | tuple[int, int] | None = 224,
+    image_size: int | tuple[int, int] | None = 320,
+    crop_size: int | tuple[int, int] | None = 288,
+    resize_side: str = "shorter",
 ) -> np.ndarray:
     """Load ground-truth masks at the model input geometry of their images.
 
@@ -275,12 +276,15 @@ def load_masks(
     image_paths : sequence of str or path-like
         The images the masks belong to (only their headers are read, for the
         size). Each mask must be exactly the size of its image.
-    image_size : int, (int, int) or None, default=256
+    image_size : int, (int, int) or None, default=320
         Resize step, as the estimator's ``image_size``: an int makes the
-        shorter side that long, a pair is an exact ``(height, width)``, None
-        keeps the size.
-    crop_size : int, (int, int) or None, default=224
+        shorter (or, see ``resize_side``, the longer) side that long, a pair
+        is an exact ``(height, width)``, None keeps the size. The defaults are
+        :class:`~skpatchcore.PatchFeatureTransformer`'s.
+    crop_size : int, (int, int) or None, default=288
         Centre crop, as the estimator's ``crop_size``; None means no crop.
+    resize_side : {"shorter", "longer"}, default="shorter"
+        As the estimator's ``resize_side``.
 
     Returns
     -------
@@ -301,9 +305,9 @@ def load_masks(
     >>> data = load_mvtec_category("mvtec/bottle")  # doctest: +SKIP
     >>> masks = load_masks(data.test_mask_paths, data.test_paths)  # doctest: +SKIP
     >>> masks.shape  # doctest: +SKIP
-    (83, 224, 224)
+    (83, 288, 288)
     """
-    geometry = Geometry(image_size=image_size, crop_size=crop_size)
+    geometry = Geometry(image_size=image_size, crop_size=crop_size, resize_side=resize_side)
     mask_paths, image_paths = list(mask_paths), list(image_paths)
     if len(mask_paths) != len(image_paths):
         raise ValueError(

@@ -432,12 +432,13 @@ class _PixelScorer:
                 f"The pixel scorer's 'mask_paths' has no entry for {len(missing)} image(s) of X, "
                 f"e.g. {missing[0]!r}; map every image path to its mask path, or to None for a good image."
             )
-        image_size, crop_size = _geometry_of(estimator)
+        image_size, crop_size, resize_side = _geometry_of(estimator)
         masks = load_masks(
             [self.mask_paths[path] for path in image_paths],
             image_paths,
             image_size=image_size,
             crop_size=crop_size,
+            resize_side=resize_side,
         )
         maps = np.asarray(estimator.predict_map(X))
         if maps.shape != masks.shape:
@@ -452,7 +453,7 @@ class _PixelScorer:
 
 
 def _geometry_of(estimator):
-    """``(image_size, crop_size)`` of an estimator or of its "features" step."""
+    """``(image_size, crop_size, resize_side)`` of an estimator or of its "features" step."""
     source = estimator
     named_steps = getattr(estimator, "named_steps", None)
     if named_steps is not None:
@@ -467,7 +468,7 @@ def _geometry_of(estimator):
             f"The pixel scorer reads 'image_size' and 'crop_size' from the estimator; "
             f"{type(source).__name__} has no such attributes."
         )
-    return source.image_size, source.crop_size
+    return source.image_size, source.crop_size, getattr(source, "resize_side", "shorter")
 
 
 def make_pixel_scorer(mask_paths: Mapping, metric: str = "pixel_auroc", *, max_fpr: float = 0.3):
@@ -479,7 +480,7 @@ def make_pixel_scorer(mask_paths: Mapping, metric: str = "pixel_auroc", *, max_f
     masks of those images, loaded with the estimator's own geometry (see
     :func:`skpatchcore.datasets.load_masks`). ``y`` is ignored.
 
-    The geometry (``image_size``, ``crop_size``) is read from
+    The geometry (``image_size``, ``crop_size``, ``resize_side``) is read from
     ``estimator.named_steps["features"]`` when the estimator is a pipeline,
     otherwise from the estimator's own attributes, so that masks are always
     resized and cropped exactly like the images the maps come from.

@@ -74,7 +74,16 @@ def read_csv(path) -> list[dict]:
         ([], ["fit", "predict", "evaluate", "demo", "--traceback"]),
         (
             ["fit"],
-            ["DATA_DIR", "--output", "--backbone", "--ratio", "--image-size", "--crop-size", "--device"],
+            [
+                "DATA_DIR",
+                "--output",
+                "--backbone",
+                "--ratio",
+                "--image-size",
+                "--crop-size",
+                "--resize-side",
+                "--device",
+            ],
         ),
         (["predict"], ["MODEL", "IMAGES_OR_DIR", "--out", "--recursive", "--skip-errors", "scores.csv"]),
         (["evaluate"], ["MODEL", "DATA_DIR", "--out", "report.png"]),
@@ -190,8 +199,11 @@ def test_skip_errors_scores_the_readable_images_and_names_the_others(
     inputs = [str(good[0]), str(truncated), str(good[1]), str(empty)]
     out = tmp_path / "predictions"
 
-    # Without the option the first bad file stops the command before any work.
+    # Without the option the header check stops the command at the 0-byte file, before any work
+    # (the truncated PNG's header is intact: it fails only when decoded).
     assert main(["predict", str(model_file), *inputs, "--out", str(out), "-q"]) == 2
+    assert "empty.png" in capsys.readouterr().err and not (out / "scores.csv").exists()
+    assert main(["predict", str(model_file), *inputs[:3], "--out", str(out), "-q"]) == 2
     assert "truncated.png" in capsys.readouterr().err and not (out / "scores.csv").exists()
 
     assert main(["predict", str(model_file), *inputs, "--out", str(out), "--skip-errors", "-q"]) == 0
@@ -432,6 +444,23 @@ def test_inverse_geometry_drops_the_padding_of_a_crop_larger_than_the_image():
     # torchvision pads 10 rows above and below, and crops 5 columns on each side.
     assert np.array_equal(heat[:, 5:95], anomaly_map[10:110])
     assert inspected[:, 5:95].all() and not inspected[:, :5].any() and not inspected[:, 95:].any()
+
+
+def test_inverse_geometry_of_a_letterbox_inspects_the_whole_image():
+    geometry = Geometry(image_size=128, crop_size=128, resize_side="longer")
+    mask = random_mask((100, 250), seed=3)
+    forward = forward_mask(mask, geometry)
+    # 250 -> 128 wide, 100 -> 51 high, padded by 38 rows above and 39 below.
+    assert not forward[:38].any() and not forward[38 + 51 :].any()
+    heat, inspected = map_to_original(forward, (100, 250), geometry)
+    assert heat.shape == (100, 250) and inspected.all()
+    wrong = (heat > 0.5) != mask
+    edges = mask ^ np.roll(mask, 1, 0) | mask ^ np.roll(mask, 1, 1)
+    near_edges = np.zeros_like(edges)
+    for dy in range(-3, 4):
+        for dx in range(-3, 4):
+            near_edges |= np.roll(np.roll(edges, dy, 0), dx, 1)
+    assert not np.any(wrong & ~near_edges)
 
 
 def test_inverse_geometry_refuses_a_map_of_the_wrong_size():

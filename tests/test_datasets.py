@@ -233,6 +233,21 @@ def test_load_masks_stacks_masks_of_images_with_different_sizes_once_cropped(tmp
     assert load_masks(masks_files, images, image_size=(14, 18), crop_size=None).shape == (2, 14, 18)
 
 
+def test_load_masks_follow_a_letterbox(tmp_path):
+    # A 30 x 40 image whose mask is all defect: letterboxed to 16 x 16 it fills rows 2..13.
+    images = [write_image(tmp_path / "a.png", 30, 40)]
+    masks = load_masks(
+        [write_mask(tmp_path / "a_mask.png", 30, 40, (0, 30, 0, 40))],
+        images,
+        image_size=16,
+        crop_size=16,
+        resize_side="longer",
+    )
+    expected = np.zeros((1, 16, 16), dtype=bool)
+    expected[0, 2:14] = True
+    np.testing.assert_array_equal(masks, expected)
+
+
 def test_load_masks_names_crop_size_when_sizes_cannot_be_stacked(tmp_path):
     images = [write_image(tmp_path / "a.png", 30, 40), write_image(tmp_path / "b.png", 50, 20)]
     with pytest.raises(

@@ -149,6 +149,47 @@ def test_geometry_matches_torchvision_resize_and_center_crop(size, image_size, c
     assert Geometry(image_size, crop_size).output_size(*size) == expected.shape[:2]
 
 
+@pytest.mark.parametrize(
+    "size, resized", [((100, 250), (25, 64)), ((250, 100), (64, 25)), ((64, 64), (64, 64))]
+)
+def test_letterbox_fits_the_longer_side_and_pads_the_shorter(size, resized):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(1, 256, (*size, 3), dtype=np.uint8))
+    geometry = Geometry(64, 64, resize_side="longer")
+    assert geometry.resized_size(*size) == resized
+    # torchvision: resize to that exact size, then a centre crop larger than the image pads it.
+    expected = np.asarray(T.CenterCrop(64)(T.Resize(resized)(image)), dtype=np.float32) / 255.0
+    got = geometry.apply(image)
+    np.testing.assert_array_equal(got, expected)
+    # Every pixel of the part is there (no zeros inside it); the rest is black padding.
+    content = np.any(got > 0, axis=2)
+    assert content.sum() == resized[0] * resized[1]
+    # An exact (h, w) image_size ignores resize_side.
+    assert Geometry((30, 40), None, resize_side="longer").resized_size(*size) == (30, 40)
+
+
+def test_resize_side_is_checked():
+    with pytest.raises(
+        ValueError, match="'resize_side' parameter must be 'shorter' or 'longer'; got 'sideways'"
+    ):
+        Geometry(64, 64, resize_side="sideways")
+    with pytest.raises(ValueError, match="resize_side"):
+        PatchFeatureTransformer(backbone="efficientnet_lite0", resize_side="sideways").fit(textured_parts(1))
+
+
+def test_letterboxed_images_of_different_aspect_ratios_share_one_grid():
+    rng = np.random.default_rng(2)
+    images = [
+        Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for size in ((60, 150, 3), (150, 90, 3))
+    ]
+    transformer = PatchFeatureTransformer(
+        backbone="efficientnet_lite0", image_size=64, crop_size=64, resize_side="longer", device="cpu"
+    )
+    features = transformer.fit_transform(images)
+    assert features.shape == (2, 8, 8, 152)
+    assert transformer.geometry_ == Geometry(64, 64, resize_side="longer")
+
+
 def test_forward_stops_after_the_last_requested_layer():
     model = build_backbone("resnet18", layers=["layer1", "layer2"], weights=None).model
     ran = []

@@ -192,6 +192,17 @@ def test_every_kind_of_parameter_value_round_trips(tmp_path, good_parts):
     assert load(tmp_path / "model.skpatchcore")._index.options["nprobe"] == 2
 
 
+def test_a_letterbox_geometry_round_trips(tmp_path, good_parts):
+    features = PatchFeatureTransformer(
+        backbone="efficientnet_lite0", image_size=64, crop_size=64, resize_side="longer", device="cpu"
+    ).fit(good_parts[:1])
+    path = tmp_path / "letterbox.skpatchcore"
+    save(features, path)
+    loaded = load(path)
+    assert loaded.resize_side == "longer" and loaded.geometry_ == features.geometry_
+    np.testing.assert_array_equal(loaded.transform(good_parts[1:3]), features.transform(good_parts[1:3]))
+
+
 def test_the_same_model_always_gives_the_same_bytes(fitted, model_file, tmp_path):
     save(fitted, tmp_path / "again.skpatchcore")
     assert (tmp_path / "again.skpatchcore").read_bytes() == model_file.read_bytes()
@@ -231,7 +242,7 @@ def test_the_file_is_a_stored_zip_of_json_and_safetensors_with_checksums(fitted,
     features = step_entry(manifest, "features")
     assert features["params"]["backbone"] == "efficientnet_lite0"
     assert features["params"]["weights"] == "imagenet"
-    assert features["fitted"]["geometry_"] == {"image_size": 64, "crop_size": None}
+    assert features["fitted"]["geometry_"] == {"image_size": 64, "crop_size": None, "resize_side": "shorter"}
     assert features["fitted"]["backbone_fingerprint_"] == fitted[0].backbone_fingerprint_
     assert step_entry(manifest, "detector")["fitted"]["threshold_"] == fitted[-1].threshold_
     from safetensors.numpy import load as load_arrays

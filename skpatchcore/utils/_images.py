@@ -79,6 +79,9 @@ def _check_size(value, name: str, allow_none: bool) -> int | tuple[int, int] | N
     raise ValueError(f"The '{name}' parameter must be {accepted}; got {value!r}.")
 
 
+RESIZE_SIDES = ("shorter", "longer")
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Resize then centre-crop, as torchvision's ``Resize`` + ``CenterCrop``.
@@ -86,18 +89,33 @@ class Geometry:
     Parameters
     ----------
     image_size : int, (int, int) or None
-        An int resizes the shorter side to that many pixels, keeping the aspect
-        ratio; a pair is an exact ``(height, width)``; None keeps the size.
+        An int resizes one side to that many pixels, keeping the aspect
+        ratio (which side: ``resize_side``); a pair is an exact
+        ``(height, width)``; None keeps the size.
     crop_size : int, (int, int) or None
-        Size of the centre crop; None means no crop.
+        Size of the centre crop; None means no crop. A crop larger than the
+        resized image pads it with zeros (black), centred.
+    resize_side : {"shorter", "longer"}
+        Which side an int ``image_size`` sets. ``"shorter"`` (torchvision's
+        ``Resize``) fills the crop and may cut off the ends of a long part;
+        ``"longer"`` fits the whole image inside ``image_size`` x
+        ``image_size``, so with ``crop_size=image_size`` it is letterboxed:
+        nothing is cut away and the short side is padded. Ignored when
+        ``image_size`` is a pair or None.
     """
 
     image_size: int | tuple[int, int] | None = 256
     crop_size: int | tuple[int, int] | None = 224
+    # A class-level default also serves Geometry objects pickled before this field existed.
+    resize_side: str = "shorter"
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", _check_size(self.image_size, "image_size", True))
         object.__setattr__(self, "crop_size", _check_size(self.crop_size, "crop_size", True))
+        if self.resize_side not in RESIZE_SIDES:
+            raise ValueError(
+                f"The 'resize_side' parameter must be 'shorter' or 'longer'; got {self.resize_side!r}."
+            )
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """Size ``(h, w)`` after the resize step, for an input of ``(height, width)``."""
@@ -107,9 +125,14 @@ class Geometry:
         if isinstance(size, tuple):
             return size
         # torchvision: the shorter side becomes `size`, the longer one is truncated.
-        if width <= height:
-            return int(size * height / width), size
-        return size, int(size * width / height)
+        if self.resize_side == "shorter":
+            if width <= height:
+                return int(size * height / width), size
+            return size, int(size * width / height)
+        # The longer side becomes `size`; the shorter one is truncated, at least 1 pixel.
+        if width >= height:
+            return max(1, int(size * height / width)), size
+        return size, max(1, int(size * width / height))
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """Size ``(h, w)`` of the model input for an image of ``(height, width)``."""
