@@ -87,7 +87,7 @@ def prepare(path: Path, ratio: float, quick: bool) -> dict:
             data.test_mask_paths,
         )
     features = PatchFeatureTransformer(
-        backbone=BACKBONE, image_size=IMAGE_SIZE, crop_size=CROP_SIZE, device="cpu"
+        backbone=BACKBONE, image_size=IMAGE_SIZE, crop_size=CROP_SIZE, resize_side="shorter", device="cpu"
     ).fit(train)
     start = time.perf_counter()
     train_features = features.transform(train)
@@ -103,7 +103,9 @@ def prepare(path: Path, ratio: float, quick: bool) -> dict:
         "test_features": test_features,
         "input_size": input_size,
         "labels": labels,
-        "masks": load_masks(mask_paths, test, image_size=IMAGE_SIZE, crop_size=CROP_SIZE),
+        "masks": load_masks(
+            mask_paths, test, image_size=IMAGE_SIZE, crop_size=CROP_SIZE, resize_side="shorter"
+        ),
         "features_s": features_s,
         "coreset_s": coreset_s,
     }
@@ -173,6 +175,7 @@ def run(args) -> tuple[dict, str]:
             "backbone": BACKBONE,
             "image_size": IMAGE_SIZE,
             "crop_size": CROP_SIZE,
+            "resize_side": "shorter",
             "ratio": args.ratio,
             "random_state": 0,
             "device": "cpu",

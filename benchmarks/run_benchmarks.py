@@ -69,7 +69,13 @@ QUICK_TEST = 8
 # shorter side 256, centre crop 224, mean = std = 0.5, seed 0. "reference code" is
 # amazon-science/patchcore-inspection at pretrain/target dims 1024 or 384.
 ANCHOR_SOURCE = "issue 7 table (EfficientNet-Lite0, resize 256, crop 224, seed 0)"
-ANCHOR_GEOMETRY = {"backbone": BACKBONE, "layers": None, "image_size": 256, "crop_size": 224}
+ANCHOR_GEOMETRY = {
+    "backbone": BACKBONE,
+    "layers": None,
+    "image_size": 256,
+    "crop_size": 224,
+    "resize_side": "shorter",
+}
 ANCHORS: dict[tuple[str, float], dict[str, tuple[float, float, float]]] = {
     ("mpdd/metal_plate", 0.1): {
         "reference code, dims 1024": (0.973, 0.982, 0.921),

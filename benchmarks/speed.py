@@ -94,6 +94,7 @@ REFERENCE_SETTINGS = {
     "target_dim": 1024,
     "image_size": 256,
     "crop_size": 224,
+    "resize_side": "shorter",
     "n_neighbors": 1,
     "projection_dim": 128,
     "n_starts": 10,

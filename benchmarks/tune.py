@@ -36,8 +36,10 @@ CATEGORIES = {"mpdd/metal_plate": "mpdd/metal_plate", "magnetic_tile": "magnetic
 # projection (128) so that its rows sit next to the reference-code and anomalib
 # anchors; the other studies vary one option of the package defaults.
 BACKBONE = {"backbone": "efficientnet_lite0"}
-PAPER = {"image_size": 256, "crop_size": 224}
-DEFAULTS = {"aggregation": "mean", "image_size": 320, "crop_size": 288}
+PAPER = {"image_size": 256, "crop_size": 224, "resize_side": "shorter"}
+DEFAULTS = {"aggregation": "mean", "image_size": 320, "crop_size": 320, "resize_side": "longer"}
+# The package defaults until they were chosen again from the geometry table (a 288 px centre crop).
+CROP_288 = {"aggregation": "mean", "image_size": 320, "crop_size": 288, "resize_side": "shorter"}
 
 STUDIES = {
     "aggregation": [
@@ -54,11 +56,11 @@ STUDIES = {
         (DEFAULTS, {}, {}),
     ],
     "geometry": [
-        ({**DEFAULTS, **PAPER}, {}, {}),
+        ({"aggregation": "mean", **PAPER}, {}, {}),
+        (CROP_288, {}, {}),
+        ({"aggregation": "mean", "image_size": (256, 256), "crop_size": None}, {}, {}),
+        ({"aggregation": "mean", "image_size": (320, 320), "crop_size": None}, {}, {}),
         (DEFAULTS, {}, {}),
-        ({**DEFAULTS, "image_size": (256, 256), "crop_size": None}, {}, {}),
-        ({**DEFAULTS, "image_size": (320, 320), "crop_size": None}, {}, {}),
-        ({**DEFAULTS, "image_size": 320, "crop_size": 320, "resize_side": "longer"}, {}, {}),
     ],
     "layers": [
         (DEFAULTS, {}, {}),
@@ -90,12 +92,13 @@ def _cached_features(category: str, settings: dict, cache: Path):
         np.save(stem.with_suffix(".test.npy"), test)
         stem.with_suffix(".json").write_text(json.dumps({"size": size}))
     size = tuple(json.loads(stem.with_suffix(".json").read_text())["size"])
+    geometry = PatchFeatureTransformer(**settings)  # the settings' geometry, defaults filled in
     masks = load_masks(
         data.test_mask_paths,
         data.test_paths,
-        image_size=settings["image_size"],
-        crop_size=settings["crop_size"],
-        resize_side=settings.get("resize_side", "shorter"),
+        image_size=geometry.image_size,
+        crop_size=geometry.crop_size,
+        resize_side=geometry.resize_side,
     )
     train = np.load(stem.with_suffix(".train.npy"))
     test = np.load(stem.with_suffix(".test.npy"), mmap_mode="r")

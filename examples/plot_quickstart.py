@@ -60,8 +60,8 @@ print(f"{data.name}: {len(data.train_paths)} training images, {len(data.test_pat
 # coreset, detector) as one pipeline. ``efficientnet_lite0`` ships its ImageNet
 # weights in a Python package, so nothing is downloaded. To keep this example
 # fast we resize the images to 128 x 128 (``image_size=128`` on square photos,
-# no crop) and fit on every other training image; the defaults (320 px, centre
-# crop 288) detect smaller defects.
+# no crop) and fit on every other training image; the defaults (the whole image
+# letterboxed into 320 x 320 px) detect smaller defects.
 
 model = make_patchcore(
     backbone="efficientnet_lite0", image_size=128, crop_size=None, ratio=0.1, random_state=0

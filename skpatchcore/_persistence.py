@@ -627,6 +627,8 @@ class _Loader:
         params = {key: _decode(value, self.shown) for key, value in raw.items()}
         if cls is PatchFeatureTransformer:
             params["backbone"] = self._backbone_param(params.get("backbone"), module_name)
+            # Files written before resize_side existed resized the shorter side (the default then).
+            params.setdefault("resize_side", "shorter")
         try:
             estimator = cls(**params)
             estimator._validate_params()

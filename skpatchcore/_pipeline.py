@@ -115,7 +115,7 @@ class PatchCorePipeline(Pipeline):
         -------
         maps : ndarray of shape (n_images, H, W), float32
             Higher = more anomalous; (H, W) is the resized and cropped input size
-            (288 x 288 with the defaults).
+            (320 x 320 with the defaults).
         scores : ndarray of shape (n_images,)
             Only when ``return_scores=True``.
 

@@ -253,8 +253,8 @@ def load_masks(
     mask_paths: Sequence,
     image_paths: Sequence,
     image_size: int | tuple[int, int] | None = 320,
-    crop_size: int | tuple[int, int] | None = 288,
-    resize_side: str = "shorter",
+    crop_size: int | tuple[int, int] | None = 320,
+    resize_side: str = "longer",
 ) -> np.ndarray:
     """Load ground-truth masks at the model input geometry of their images.
 
@@ -278,12 +278,12 @@ def load_masks(
         size). Each mask must be exactly the size of its image.
     image_size : int, (int, int) or None, default=320
         Resize step, as the estimator's ``image_size``: an int makes the
-        shorter (or, see ``resize_side``, the longer) side that long, a pair
+        longer (or, see ``resize_side``, the shorter) side that long, a pair
         is an exact ``(height, width)``, None keeps the size. The defaults are
         :class:`~skpatchcore.PatchFeatureTransformer`'s.
-    crop_size : int, (int, int) or None, default=288
+    crop_size : int, (int, int) or None, default=320
         Centre crop, as the estimator's ``crop_size``; None means no crop.
-    resize_side : {"shorter", "longer"}, default="shorter"
+    resize_side : {"longer", "shorter"}, default="longer"
         As the estimator's ``resize_side``.
 
     Returns
@@ -305,7 +305,7 @@ def load_masks(
     >>> data = load_mvtec_category("mvtec/bottle")  # doctest: +SKIP
     >>> masks = load_masks(data.test_mask_paths, data.test_paths)  # doctest: +SKIP
     >>> masks.shape  # doctest: +SKIP
-    (83, 288, 288)
+    (83, 320, 320)
     """
     geometry = Geometry(image_size=image_size, crop_size=crop_size, resize_side=resize_side)
     mask_paths, image_paths = list(mask_paths), list(image_paths)

@@ -207,7 +207,7 @@ def test_load_masks_centre_crops_masks_like_their_images(tmp_path):
 def test_load_masks_gives_zeros_for_good_images_at_their_model_input_size(tmp_path):
     image = write_image(tmp_path / "good.png", 30, 40)
     # Shorter side 30 -> 20, longer side int(20 * 40 / 30) = 26.
-    masks = load_masks([None], [image], image_size=20, crop_size=None)
+    masks = load_masks([None], [image], image_size=20, crop_size=None, resize_side="shorter")
     assert masks.shape == (1, 20, 26)
     assert not masks.any()
 
@@ -253,7 +253,7 @@ def test_load_masks_names_crop_size_when_sizes_cannot_be_stacked(tmp_path):
     with pytest.raises(
         ValueError, match=r"different sizes \(16x21 for .*a\.png.*, 40x16 for .*b\.png.*'crop_size'"
     ):
-        load_masks([None, None], images, image_size=16, crop_size=None)
+        load_masks([None, None], images, image_size=16, crop_size=None, resize_side="shorter")
 
 
 def test_load_masks_rejects_mismatched_lengths_sizes_and_parameters(tmp_path):
@@ -293,7 +293,9 @@ def test_mpdd_metal_plate_loads_with_the_counts_of_its_source_file():
 @needs_mpdd
 def test_mpdd_masks_at_the_reference_geometry_have_a_sensible_defect_fraction():
     data = load_mvtec_category(MPDD)
-    masks = load_masks(data.test_mask_paths, data.test_paths, image_size=256, crop_size=224)
+    masks = load_masks(
+        data.test_mask_paths, data.test_paths, image_size=256, crop_size=224, resize_side="shorter"
+    )
     defective = data.test_labels == -1
     assert masks.shape == (97, 224, 224)
     assert not masks[~defective].any()
@@ -315,7 +317,9 @@ def test_magnetic_tile_loads_with_the_counts_of_its_source_file():
 def test_magnetic_tile_centre_crop_cuts_whole_defects_out_of_163_images():
     # DESIGN.md section 4: the reference geometry removes the whole defect from 163 of 388 images.
     data = load_mvtec_category(MAGNETIC_TILE)
-    masks = load_masks(data.test_mask_paths, data.test_paths, image_size=256, crop_size=224)
+    masks = load_masks(
+        data.test_mask_paths, data.test_paths, image_size=256, crop_size=224, resize_side="shorter"
+    )
     defective = data.test_labels == -1
     assert masks.shape == (576, 224, 224)
     assert np.sum(~masks[defective].any(axis=(1, 2))) == 163

@@ -43,7 +43,7 @@ def test_masks_are_0_255_and_mark_one_defect_away_from_the_border(small_set):
         rows, cols = np.nonzero(mask)
         assert rows.min() >= margin - 3 and rows.max() < 96 - margin + 3
         assert cols.min() >= margin - 3 and cols.max() < 96 - margin + 3
-    # The default model geometry (shorter side 320, centre crop 288) keeps every defect.
+    # The default model geometry (the whole image letterboxed into 320 x 320) keeps every defect.
     masks = load_masks(data.test_mask_paths, data.test_paths)
     assert all(masks[i].any() == (label == -1) for i, label in enumerate(data.test_labels))
 

@@ -74,9 +74,14 @@ def test_adaptive_pool_matrix_matches_torch():
 def test_transform_gives_one_vector_per_stride8_location():
     images = textured_parts(3, size=256)
     features = PatchFeatureTransformer(backbone="efficientnet_lite0", device="cpu").fit_transform(images)
-    assert features.shape == (3, 36, 36, 40 + 112)  # 288 px crop, mean of blocks.2 and blocks.4
+    assert features.shape == (3, 40, 40, 40 + 112)  # 320 px letterbox, mean of blocks.2 and blocks.4
     reference = PatchFeatureTransformer(
-        backbone="efficientnet_lite0", aggregation="reference", image_size=256, crop_size=224, device="cpu"
+        backbone="efficientnet_lite0",
+        aggregation="reference",
+        image_size=256,
+        crop_size=224,
+        resize_side="shorter",
+        device="cpu",
     ).fit_transform(images)
     assert reference.shape == (3, 28, 28, 1024)
     assert features.dtype == np.float32

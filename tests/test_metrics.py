@@ -255,16 +255,17 @@ class BrightnessDetector(BaseEstimator):
     detector's are; more ``noise`` makes them worse.
     """
 
-    def __init__(self, noise=0.0, image_size=16, crop_size=12):
+    def __init__(self, noise=0.0, image_size=16, crop_size=12, resize_side="longer"):
         self.noise = noise
         self.image_size = image_size
         self.crop_size = crop_size
+        self.resize_side = resize_side
 
     def fit(self, X, y=None):
         return self
 
     def predict_map(self, X):
-        geometry = Geometry(self.image_size, self.crop_size)
+        geometry = Geometry(self.image_size, self.crop_size, self.resize_side)
         maps = np.stack([geometry.apply(Image.open(path).convert("L"))[:, :, 0] for path in X])
         return maps + self.noise * np.random.default_rng(0).random(maps.shape)
 
@@ -309,7 +310,10 @@ def test_pixel_scorer_compares_predict_map_with_masks_at_the_estimator_geometry(
 
     score = scorer(wrap(detector), image_paths, None)
 
-    masks = load_masks(list(bright_defect_images.values()), image_paths, image_size=16, crop_size=12)
+    # The scorer must read resize_side too: the 20 x 24 images become 13 x 16, then the crop.
+    masks = load_masks(
+        list(bright_defect_images.values()), image_paths, image_size=16, crop_size=12, resize_side="longer"
+    )
     assert masks.shape == (6, 12, 12)
     assert not masks[0::2].any() and masks[1::2].any()
     assert score == pytest.approx(reference(masks, detector.predict_map(image_paths)), abs=1e-12)

@@ -242,7 +242,7 @@ def test_the_file_is_a_stored_zip_of_json_and_safetensors_with_checksums(fitted,
     features = step_entry(manifest, "features")
     assert features["params"]["backbone"] == "efficientnet_lite0"
     assert features["params"]["weights"] == "imagenet"
-    assert features["fitted"]["geometry_"] == {"image_size": 64, "crop_size": None, "resize_side": "shorter"}
+    assert features["fitted"]["geometry_"] == {"image_size": 64, "crop_size": None, "resize_side": "longer"}
     assert features["fitted"]["backbone_fingerprint_"] == fitted[0].backbone_fingerprint_
     assert step_entry(manifest, "detector")["fitted"]["threshold_"] == fitted[-1].threshold_
     from safetensors.numpy import load as load_arrays
@@ -515,6 +515,17 @@ def test_an_explicit_device_is_checked_and_used(model_file, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="CUDA is not available"):
         load(model_file, device="cuda")
+
+
+def test_a_file_from_before_resize_side_keeps_resizing_the_shorter_side(model_file, tmp_path):
+    def drop_resize_side(manifest):
+        entry = step_entry(manifest, "features")
+        del entry["params"]["resize_side"]
+        del entry["fitted"]["geometry_"]["resize_side"]
+
+    loaded = load(rewritten(model_file, tmp_path / "old.skpatchcore", edit=drop_resize_side))
+    features = loaded.named_steps["features"]
+    assert features.resize_side == "shorter" and features.geometry_.resize_side == "shorter"
 
 
 def test_a_rewritten_copy_with_valid_checksums_still_loads(model_file, tmp_path):

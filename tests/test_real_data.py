@@ -18,6 +18,7 @@ def test_mpdd_metal_plate_reaches_the_reference_codes_quality():
         aggregation="reference",
         image_size=256,
         crop_size=224,
+        resize_side="shorter",
         pretrain_dim=1024,
         target_dim=1024,
         projection_dim=128,
@@ -28,6 +29,8 @@ def test_mpdd_metal_plate_reaches_the_reference_codes_quality():
     )
     model.fit(data.train_paths)
     maps, scores = model.predict_map(data.test_paths, return_scores=True)
-    masks = load_masks(data.test_mask_paths, data.test_paths, image_size=256, crop_size=224)
+    masks = load_masks(
+        data.test_mask_paths, data.test_paths, image_size=256, crop_size=224, resize_side="shorter"
+    )
     assert image_auroc(data.test_labels, scores) >= 0.965
     assert pixel_auroc(masks, maps) >= 0.975

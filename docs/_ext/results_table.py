@@ -304,8 +304,12 @@ def _literal_or_none(node):
 
 
 def _geometry(features: dict) -> str:
-    """``"320 / 288 px"`` from feature settings holding ``image_size`` and ``crop_size``."""
-    return f"{features.get('image_size')} / {features.get('crop_size')} px"
+    """``"256 / 224 px"`` or ``"320 px letterbox"`` from feature settings (``image_size``, ...)."""
+    size, crop = features.get("image_size"), features.get("crop_size")
+    side = features.get("resize_side", "shorter")
+    if side == "longer" and isinstance(size, int) and crop == size:
+        return f"{size} px letterbox"
+    return f"{size} / {crop} px" + (", longer side" if side == "longer" else "")
 
 
 class AnchorComparison(Directive):
