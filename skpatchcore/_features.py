@@ -382,6 +382,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         return state
 
     def _after_unpickle(self):
+        # Pickled before resize_side existed: those models resized the shorter side.
+        self.__dict__.setdefault("resize_side", "shorter")
         if "backbone_" not in self.__dict__:
             return
         self.device_ = device_after_load(self.device_, type(self).__name__)

@@ -77,7 +77,8 @@ from .utils._images import Geometry
 __all__ = ["ModelFileError", "load", "save"]
 
 FORMAT_NAME = "skpatchcore-model"
-FORMAT_VERSION = 1
+# 2: PatchFeatureTransformer has resize_side (version 1 files load with "shorter").
+FORMAT_VERSION = 2
 
 _MARKER = "skpatchcore-model"
 _MARKER_TEXT = b"skpatchcore model file: read it with skpatchcore.load()\n"

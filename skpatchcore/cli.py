@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=features.image_size,
         metavar="N|HxW|none",
-        help="resize the shorter side (see --resize-side) to N pixels, or to exactly HxW; none: keep it "
+        help="resize the side chosen by --resize-side to N pixels, or to exactly HxW; none: keep it "
         "(default: %(default)s)",
     )
     fit.add_argument(

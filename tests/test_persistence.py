@@ -519,6 +519,7 @@ def test_an_explicit_device_is_checked_and_used(model_file, monkeypatch):
 
 def test_a_file_from_before_resize_side_keeps_resizing_the_shorter_side(model_file, tmp_path):
     def drop_resize_side(manifest):
+        manifest["format_version"] = 1
         entry = step_entry(manifest, "features")
         del entry["params"]["resize_side"]
         del entry["fitted"]["geometry_"]["resize_side"]
@@ -526,6 +527,17 @@ def test_a_file_from_before_resize_side_keeps_resizing_the_shorter_side(model_fi
     loaded = load(rewritten(model_file, tmp_path / "old.skpatchcore", edit=drop_resize_side))
     features = loaded.named_steps["features"]
     assert features.resize_side == "shorter" and features.geometry_.resize_side == "shorter"
+
+
+def test_a_pickle_from_before_resize_side_keeps_resizing_the_shorter_side(fitted):
+    state = fitted.named_steps["features"].__getstate__()
+    del state["resize_side"]
+    state["geometry_"] = pickle.loads(pickle.dumps(state["geometry_"]))
+    object.__delattr__(state["geometry_"], "resize_side")  # as pickled before the field existed
+    restored = PatchFeatureTransformer.__new__(PatchFeatureTransformer)
+    restored.__setstate__(state)
+    assert restored.get_params()["resize_side"] == "shorter"
+    assert restored.geometry_.resize_side == "shorter"
 
 
 def test_a_rewritten_copy_with_valid_checksums_still_loads(model_file, tmp_path):
