@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ._aggregation import AGGREGATIONS, aggregate, build_stage_maps
 from ._backbones import BackboneError, build_backbone, fingerprint
 from .utils._device import cuda_precision, device_after_load, resolve_device
-from .utils._images import RESIZE_SIDES, Geometry, ImageReadError, check_images
+from .utils._images import LEGACY_RESIZE_SIDE, RESIZE_SIDES, Geometry, ImageReadError, check_images
 from .utils._pickling import VersionedPickleMixin
 
 
@@ -383,7 +383,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
     def _after_unpickle(self):
         # Pickled before resize_side existed: those models resized the shorter side.
-        self.__dict__.setdefault("resize_side", "shorter")
+        self.__dict__.setdefault("resize_side", LEGACY_RESIZE_SIDE)
         if "backbone_" not in self.__dict__:
             return
         self.device_ = device_after_load(self.device_, type(self).__name__)

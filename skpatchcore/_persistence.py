@@ -72,7 +72,7 @@ from ._features import PatchFeatureTransformer
 from ._pipeline import PatchCorePipeline
 from ._version import __version__
 from .utils._device import resolve_device
-from .utils._images import Geometry
+from .utils._images import LEGACY_RESIZE_SIDE, Geometry
 
 __all__ = ["ModelFileError", "load", "save"]
 
@@ -629,7 +629,7 @@ class _Loader:
         if cls is PatchFeatureTransformer:
             params["backbone"] = self._backbone_param(params.get("backbone"), module_name)
             # Files written before resize_side existed resized the shorter side (the default then).
-            params.setdefault("resize_side", "shorter")
+            params.setdefault("resize_side", LEGACY_RESIZE_SIDE)
         try:
             estimator = cls(**params)
             estimator._validate_params()
@@ -715,7 +715,7 @@ class _Loader:
         estimator.geometry_ = Geometry(
             _decode(geometry.get("image_size"), self.shown),
             _decode(geometry.get("crop_size"), self.shown),
-            geometry.get("resize_side", "shorter"),
+            geometry.get("resize_side", LEGACY_RESIZE_SIDE),
         )
         estimator.n_channels_ = _positive_int(fitted["n_channels_"])
         if estimator.n_channels_ not in (1, 3):

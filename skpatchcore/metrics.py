@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from skpatchcore.datasets import load_masks
+from skpatchcore.utils._images import LEGACY_RESIZE_SIDE
 
 __all__ = [
     "aupro",
@@ -468,7 +469,7 @@ def _geometry_of(estimator):
             f"The pixel scorer reads 'image_size' and 'crop_size' from the estimator; "
             f"{type(source).__name__} has no such attributes."
         )
-    return source.image_size, source.crop_size, getattr(source, "resize_side", "shorter")
+    return source.image_size, source.crop_size, getattr(source, "resize_side", LEGACY_RESIZE_SIDE)
 
 
 def make_pixel_scorer(mask_paths: Mapping, metric: str = "pixel_auroc", *, max_fpr: float = 0.3):

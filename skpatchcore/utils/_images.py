@@ -80,6 +80,9 @@ def _check_size(value, name: str, allow_none: bool) -> int | tuple[int, int] | N
 
 
 RESIZE_SIDES = ("shorter", "longer")
+# What an image_size int meant before resize_side existed: models, files and
+# estimators that do not say otherwise resize the shorter side.
+LEGACY_RESIZE_SIDE = "shorter"
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class Geometry:
     image_size: int | tuple[int, int] | None = 256
     crop_size: int | tuple[int, int] | None = 224
     # A class-level default also serves Geometry objects pickled before this field existed.
-    resize_side: str = "shorter"
+    resize_side: str = LEGACY_RESIZE_SIDE
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", _check_size(self.image_size, "image_size", True))
