@@ -108,6 +108,12 @@ TARGETS = {
     "rss_ratio": 0.5,
     "scale_rss_mb": 16 * 1024,
 }
+# The end-to-end features row compares two different float32 backbones (batch
+# norms folded or not): they differ by rounding, about 1e-5 of the largest
+# activation on mpdd (each is ~6e-6 from a float64 run), so that row is checked
+# at the CPU-vs-CUDA tolerance. The 1e-5 check of the aggregation itself is on
+# the same-backbone rows.
+END_TO_END_TOL = 1e-4
 SCALE_GRID = (28, 28)
 SCALE_DIM = 1024
 
@@ -180,6 +186,7 @@ def bench_features(pixels: torch.Tensor, batch_size: int, repeats: int, tol: flo
         ),
         "mean": lambda stages: plain.mean_features(stages, 3, REFERENCE_SETTINGS["target_dim"]),
     }
+    stock = plain.stock_backbone(BACKBONE)
     n_images = len(pixels)
     batches = [pixels[i : i + batch_size] for i in range(0, n_images, batch_size)]
 
@@ -190,22 +197,34 @@ def bench_features(pixels: torch.Tensor, batch_size: int, repeats: int, tol: flo
     with torch.inference_mode():
         # Warm-up: first calls allocate and pick kernels.
         stages = backbone(prepared(batches[0]))
+        stock(batches[0].contiguous())
         for mode in fast_maps:
             aggregate(stages, *fast_maps[mode])
             plain_fns[mode](stages)
 
         totals = {
             "backbone": [],
+            "stock_backbone": [],
             **{f"{kind}_{mode}": [] for kind in ("fast", "plain") for mode in fast_maps},
         }
         errors = dict.fromkeys(fast_maps, 0.0)
         scales = dict.fromkeys(fast_maps, 0.0)
+        stock_error = stock_scale = 0.0
         for repeat in range(repeats):
             spent = dict.fromkeys(totals, 0.0)
             for batch in batches:
                 start = time.perf_counter()
+                stock_stages = stock(batch.contiguous())
+                spent["stock_backbone"] += time.perf_counter() - start
+                start = time.perf_counter()
                 stages = backbone(prepared(batch))
                 spent["backbone"] += time.perf_counter() - start
+                if repeat == 0:
+                    # End to end: the reference aggregation of the stock backbone.
+                    ours = aggregate(stages, *fast_maps["reference"]).permute(0, 2, 3, 1)
+                    theirs = plain_fns["reference"](stock_stages)
+                    stock_error = max(stock_error, float((ours - theirs).abs().max()))
+                    stock_scale = max(stock_scale, float(theirs.abs().max()))
                 for mode, (maps, dim) in fast_maps.items():
                     start = time.perf_counter()
                     # The (B, h, w, d) layout the package returns.
@@ -227,6 +246,7 @@ def bench_features(pixels: torch.Tensor, batch_size: int, repeats: int, tol: flo
         "repeats": repeats,
         "input_size": list(pixels.shape[-2:]),
         "backbone_ms": ms["backbone"],
+        "stock_backbone_ms": ms["stock_backbone"],
         "modes": {},
     }
     for mode in fast_maps:
@@ -246,6 +266,18 @@ def bench_features(pixels: torch.Tensor, batch_size: int, repeats: int, tol: flo
             "plain_over_backbone": plain_total / ms["backbone"],
             "fast_over_backbone": fast_total / ms["backbone"],
         }
+    reference = result["modes"]["reference"]
+    stock_total = ms["stock_backbone"] + ms["plain_reference"]
+    stock_relative = stock_error / stock_scale if stock_scale > 0 else stock_error
+    result["end_to_end"] = {
+        "fast_ms": reference["fast_ms"],
+        "plain_ms": stock_total,
+        "speedup": stock_total / reference["fast_ms"],
+        "max_abs_error": stock_error,
+        "max_relative_error": stock_relative,
+        "equivalent": bool(stock_relative <= END_TO_END_TOL),
+        "tolerance": END_TO_END_TOL,
+    }
     return result
 
 
@@ -261,20 +293,48 @@ def features_table(result: dict, tol: float) -> str:
         "max rel. error",
         f"<= {tol:g}",
     ]
-    rows = [["bare backbone", fmt(result["backbone_ms"], 1), None, None, None, None, None, None, None]]
+    rows = [
+        [
+            "bare backbone",
+            fmt(result["backbone_ms"], 1),
+            fmt(result["stock_backbone_ms"], 1),
+            fmt_ratio(result["stock_backbone_ms"] / result["backbone_ms"]),
+            None,
+            None,
+            None,
+            None,
+            None,
+        ]
+    ]
+    target = TARGETS["features_speedup"]
     for mode, r in result["modes"].items():
-        target = TARGETS["features_speedup"] if mode == "reference" else None
         rows.append(
             [
-                mode,
+                f"{mode}, same backbone",
                 fmt(r["fast_ms"], 1),
                 fmt(r["plain_ms"], 1),
                 fmt_ratio(r["speedup"]),
-                f">= {target:g}x" if target else None,
-                _yes(r["speedup"] >= target) if target else None,
+                None,
+                None,
                 f"{r['aggregate_fast_ms']:.2f} / {r['aggregate_plain_ms']:.2f}",
                 f"{r['max_relative_error']:.1e}",
                 _yes(r["equivalent"]),
+            ]
+        )
+    end = result.get("end_to_end")
+    if end:
+        reference = result["modes"]["reference"]
+        rows.append(
+            [
+                "**reference, end to end**",
+                fmt(end["fast_ms"], 1),
+                fmt(end["plain_ms"], 1),
+                fmt_ratio(end["speedup"]),
+                f">= {target:g}x",
+                _yes(end["speedup"] >= target),
+                f"{reference['aggregate_fast_ms']:.2f} / {reference['aggregate_plain_ms']:.2f}",
+                f"{end['max_relative_error']:.1e}",
+                f"{_yes(end['equivalent'])} (<= {end['tolerance']:g})",
             ]
         )
     return markdown_table(headers, rows)
@@ -752,6 +812,12 @@ def main(argv: list[str] | None = None) -> int:
             pixels = load_pixels(train_paths[:feature_images])
         features = bench_features(pixels, args.batch_size, repeats, args.tol)
         payload["features"] = features
+        end = features["end_to_end"]
+        print(f"    end to end: {end['speedup']:.2f}x, max relative error {end['max_relative_error']:.2e}")
+        if not end["equivalent"]:
+            failures.append(
+                f"features (end to end): relative error {end['max_relative_error']:.2e} > {END_TO_END_TOL:g}"
+            )
         for mode, r in features["modes"].items():
             print(f"    {mode}: max relative error {r['max_relative_error']:.2e} (tol {args.tol:g})")
             if not r["equivalent"]:
@@ -762,8 +828,16 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(
             f"### Features: per image, {features['n_images']} {source}, batch {features['batch_size']}, "
             f"{features['input_size'][0]} x {features['input_size'][1]} px\n\n"
-            "Ours = backbone + `skpatchcore._aggregation.aggregate`; plain = backbone + "
-            "`benchmarks.plain.reference_features` / `mean_features` on the same activations.\n\n"
+            "Ours = the package's backbone (batch norms folded into the convolutions, channels-last, "
+            "light 'same' padding) + `skpatchcore._aggregation.aggregate`. Plain = "
+            "`benchmarks.plain.reference_features` / `mean_features`. *Same backbone* rows feed both "
+            "the package's activations, so only the aggregation differs. The *end to end* row is the "
+            "features step as the reference code runs it: the stock timm backbone "
+            "(`benchmarks.plain.stock_backbone`, separate batch norms, (N, C, H, W) input) followed by "
+            "the literal unfold and pooling, against the package's whole path; the issue's 3x target "
+            "is checked there. Errors are the largest absolute difference over the largest absolute "
+            "value. The end-to-end error is float32 rounding of two differently ordered backbones "
+            f"(each ~6e-6 from a float64 run), checked at {END_TO_END_TOL:g}.\n\n"
             + features_table(features, args.tol)
         )
 

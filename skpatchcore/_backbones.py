@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -319,14 +321,73 @@ def fold_batch_norms(model: nn.Module) -> None:
             if norm.running_mean is None or norm.running_var is None:
                 continue
             with torch.no_grad():
-                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-                bias = norm.bias - norm.running_mean * scale
+                # In float64, so the folded weights are the exact products rounded once.
+                dtype = conv.weight.dtype
+                scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+                bias = norm.bias.double() - norm.running_mean.double() * scale
                 if conv.bias is not None:
-                    bias = bias + conv.bias * scale
-                conv.weight.mul_(scale.view(-1, 1, 1, 1))
-                conv.bias = nn.Parameter(bias, requires_grad=False)
+                    bias = bias + conv.bias.double() * scale
+                conv.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype))
+                conv.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
             rest = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
             setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+
+
+class SamePadConv2d(nn.Conv2d):
+    """A convolution with TensorFlow's "same" padding, padded without a full fill.
+
+    Stands in for timm's ``Conv2dSame`` (used by the TF-ported EfficientNet-Lite
+    weights at stride 2), which pads with ``F.pad``: that fills the whole padded
+    copy with zeros before writing the input into it. Here only the thin border
+    is zeroed; the result is bit-for-bit the same.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pad_h = _same_padding(height, self.kernel_size[0], self.stride[0], self.dilation[0])
+        pad_w = _same_padding(width, self.kernel_size[1], self.stride[1], self.dilation[1])
+        top, left = pad_h // 2, pad_w // 2
+        bottom, right = pad_h - top, pad_w - left
+        if (top, left) == (bottom, right):
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+        padded = torch.empty(
+            (*x.shape[:2], height + pad_h, width + pad_w),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=layout or torch.contiguous_format,
+        )
+        padded[..., :top, :].zero_()
+        padded[..., top + height :, :].zero_()
+        padded[..., top : top + height, :left].zero_()
+        padded[..., top : top + height, left + width :].zero_()
+        padded[..., top : top + height, left : left + width].copy_(x)
+        return F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
+    return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+
+
+def use_fast_same_padding(model: nn.Module) -> None:
+    """Swap timm's ``Conv2dSame`` modules for :class:`SamePadConv2d`, in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ != "Conv2dSame" or not isinstance(child, nn.Conv2d):
+                continue
+            replacement = SamePadConv2d(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                stride=child.stride,
+                padding=0,
+                dilation=child.dilation,
+                groups=child.groups,
+                bias=child.bias is not None,
+            )
+            replacement.load_state_dict(child.state_dict())
+            replacement.requires_grad_(False)
+            setattr(parent, name, replacement)
 
 
 def _check_layers(model: nn.Module, layers, name: str) -> tuple[str, ...]:
@@ -429,6 +490,7 @@ def build_backbone(backbone, layers=None, weights="imagenet") -> FeatureExtracto
         if set(layers) <= set(entry.layers):
             _drop_modules(model, entry.unused)
         fold_batch_norms(model)
+        use_fast_same_padding(model)
     return FeatureExtractor(model, layers, mean, std)
 
 

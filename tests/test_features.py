@@ -15,7 +15,14 @@ from sklearn.exceptions import NotFittedError
 from benchmarks.plain import mean_features, reference_features
 from skpatchcore import BackboneError, ImageReadError, PatchFeatureTransformer
 from skpatchcore._aggregation import adaptive_pool_matrix, aggregate, build_stage_maps
-from skpatchcore._backbones import FeatureExtractor, _lite_model, build_backbone, fold_batch_norms
+from skpatchcore._backbones import (
+    FeatureExtractor,
+    SamePadConv2d,
+    _lite_model,
+    build_backbone,
+    fold_batch_norms,
+    use_fast_same_padding,
+)
 from skpatchcore.utils._images import Geometry
 
 from .conftest import MPDD, textured_parts
@@ -49,6 +56,30 @@ def test_reference_aggregation_equals_literal_unfold_and_pooling(real_stages, pr
         fast = aggregate(real_stages, maps, dim).permute(0, 2, 3, 1)
         plain = reference_features([s.double() for s in real_stages], 3, pretrain_dim, target_dim)
     assert fast.shape == (2, 28, 28, target_dim)
+    assert relative_error(fast, plain) <= 1e-5
+
+
+@pytest.mark.parametrize("patch_size", [1, 3, 5])
+def test_banded_cpu_path_equals_dense_convolution(patch_size):
+    # Three stages, two at the first stage's resolution and one coarser, with
+    # dims that make neighbouring stages share output rows.
+    generator = torch.Generator().manual_seed(patch_size)
+    shapes = [(3, 24, 12, 12), (3, 40, 12, 12), (3, 56, 6, 6)]
+    stages = [torch.randn(shape, generator=generator) for shape in shapes]
+    stages[0] = stages[0].contiguous(memory_format=torch.channels_last)
+    maps, dim = build_stage_maps([s[1] for s in shapes], "reference", patch_size, 300, 500)
+    assert any(a.rows.stop > b.rows.start for a, b in zip(maps, maps[1:]))
+    with torch.inference_mode():
+        fast = aggregate(stages, maps, dim)
+        dense = torch.zeros(3, dim, 12, 12)
+        for stage, stage_map in zip(stages, maps):
+            part = torch.nn.functional.conv2d(stage, stage_map.weight, padding=patch_size // 2)
+            part = torch.nn.functional.interpolate(part, size=(12, 12), mode="bilinear", align_corners=False)
+            dense[:, stage_map.rows] += part
+        plain = reference_features([s.double() for s in stages], patch_size, 300, 500)
+    fast = fast.permute(0, 2, 3, 1)
+    assert fast.is_contiguous()
+    assert relative_error(fast, dense.permute(0, 2, 3, 1)) <= 1e-6
     assert relative_error(fast, plain) <= 1e-5
 
 
@@ -229,6 +260,21 @@ def test_folded_batch_norms_give_the_same_activations(name):
     with torch.inference_mode():
         for a, b in zip(folded(x), reference(x)):
             assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("size", [(96, 96), (97, 50)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_same_padding_swap_is_bit_identical_to_timm(size, channels_last):
+    model = _lite_model("efficientnet_lite0", None)
+    swapped = copy.deepcopy(model)
+    use_fast_same_padding(swapped)
+    assert any(isinstance(m, SamePadConv2d) for m in swapped.modules())
+    assert not any(type(m).__name__ == "Conv2dSame" for m in swapped.modules())
+    x = torch.rand(2, 3, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.equal(swapped.eval()(x), model.eval()(x))
 
 
 def test_lite_weights_load_strictly_with_imagenet_normalisation():
