@@ -321,14 +321,12 @@ def fold_batch_norms(model: nn.Module) -> None:
             if norm.running_mean is None or norm.running_var is None:
                 continue
             with torch.no_grad():
-                # In float64, so the folded weights are the exact products rounded once.
-                dtype = conv.weight.dtype
-                scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-                bias = norm.bias.double() - norm.running_mean.double() * scale
+                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                bias = norm.bias - norm.running_mean * scale
                 if conv.bias is not None:
-                    bias = bias + conv.bias.double() * scale
-                conv.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype))
-                conv.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+                    bias = bias + conv.bias * scale
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bias, requires_grad=False)
             rest = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
             setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
 

@@ -20,6 +20,7 @@ from skpatchcore._backbones import (
     SamePadConv2d,
     _lite_model,
     build_backbone,
+    fingerprint,
     fold_batch_norms,
     use_fast_same_padding,
 )
@@ -421,3 +422,48 @@ def test_differing_aspect_ratios_without_crop_ask_for_crop_size(lite_features):
     images = [np.zeros((64, 64, 3), np.uint8), np.zeros((64, 96, 3), np.uint8)]
     with pytest.raises(ValueError, match="set crop_size"):
         lite_features.transform(images)
+
+
+def test_parallel_decoding_gives_the_sequential_features(tmp_path, monkeypatch):
+    import skpatchcore._features as features_module
+
+    paths = []
+    for i, image in enumerate(textured_parts(7, seed=11)):
+        path = tmp_path / f"part{i}.png"
+        Image.fromarray(image[:, :, 0]).save(path)
+        paths.append(str(path))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    paths.insert(3, str(tmp_path / "broken.png"))
+    transformer = PatchFeatureTransformer(
+        backbone="efficientnet_lite0", image_size=64, crop_size=None, batch_size=3, device="cpu"
+    ).fit(paths[:1])
+    results = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(features_module, "_decode_workers", lambda images, overlap, n=workers: n)
+        batches, _, n_images, failed = transformer._feature_batches(paths, on_error="skip")
+        rows, features = zip(*[(r, f.numpy().copy()) for r, f in batches])
+        results[workers] = (np.concatenate(rows), np.concatenate(features), dict(failed))
+    (rows_1, feats_1, failed_1), (rows_3, feats_3, failed_3) = results[1], results[3]
+    assert list(failed_1) == list(failed_3) == [3]
+    assert np.array_equal(rows_1, rows_3) and rows_1.tolist() == [0, 1, 2, 4, 5, 6, 7]
+    assert np.array_equal(feats_1, feats_3)
+
+
+def test_a_repeated_pil_image_is_decoded_by_one_thread():
+    from skpatchcore._features import _decode_workers
+    from skpatchcore.utils._images import check_images
+
+    image = Image.fromarray(textured_parts(1)[0, :, :, 0])
+    other = Image.fromarray(textured_parts(1, seed=5)[0, :, :, 0])
+    assert _decode_workers(check_images([image, image]), overlap=False) == 1
+    assert _decode_workers(check_images([image, other]), overlap=False) == min(8, torch.get_num_threads())
+
+
+def test_lite0_fingerprint_is_unchanged_so_saved_models_still_load():
+    # Saved models store this hash and refuse to load when the rebuilt backbone
+    # differs (its scores would change). A speed change in how the backbone is
+    # built (folding, padding) must leave every weight bit as it was: this is
+    # the hash that models saved by earlier versions (7374d83 and before) carry.
+    assert fingerprint(build_backbone("efficientnet_lite0")) == (
+        "38639efe03169246bddceb8fb62fa574ec24333f252bb3c248c4fccd05380bf2"
+    )
