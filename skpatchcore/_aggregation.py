@@ -84,7 +84,10 @@ class StageMap:
         self.weight = weight
         self.mode = mode
         self.patch_size = patch_size
-        self.blocks = _row_blocks(weight) if mode == "reference" else []
+        # The banded products serve the CPU only; on other devices the dense
+        # convolution runs (see the module docstring).
+        on_cpu = weight is not None and weight.device.type == "cpu"
+        self.blocks = _row_blocks(weight) if mode == "reference" and on_cpu else []
 
     @property
     def n_rows(self) -> int:
@@ -98,7 +101,7 @@ class StageMap:
         """The stage's part ``(B, rows, h_l, w_l)`` at the stage's own resolution."""
         pad = self.patch_size // 2
         if self.mode == "reference":
-            if stage.device.type == "cpu":
+            if stage.device.type == "cpu" and self.blocks:
                 batch, _, height, width = stage.shape
                 part = stage.new_empty((batch, height, width, self.n_rows))
                 self.banded_into(stage, part)
@@ -114,6 +117,15 @@ class StageMap:
         """
         p = self.patch_size
         batch, channels, height, width = stage.shape
+        if (
+            out.shape != (batch, height, width, self.n_rows)
+            or out.stride(3) != 1
+            or (out.stride(1) != width * out.stride(2))
+        ):
+            raise ValueError(
+                f"out must be a (B, h, w, rows) = {(batch, height, width, self.n_rows)} slice of a "
+                f"contiguous (B, h, w, d) array; got shape {tuple(out.shape)}, strides {out.stride()}."
+            )
         padded = F.pad(stage.contiguous(), (p // 2,) * 4)
         s_b, s_c, s_y, s_x = padded.stride()
         # (B, C, p, p, h, w) view of every neighbourhood, copied once into the
