@@ -2,7 +2,8 @@
 
 DESIGN steps 2-5 (neighbourhood aggregation, resolution alignment, per-stage
 reduction, stage fusion) are all linear in the stage activations. We use that
-to never build the reference code's huge unfolded tensors:
+to never build the reference code's unfolded tensors for a whole batch (nor
+its upsampled unfolded deeper stages):
 
 ``"reference"``
     The reference code unfolds each stage into ``C * p * p`` values per
@@ -17,13 +18,16 @@ to never build the reference code's huge unfolded tensors:
     resolution and resize the already reduced result.
 
     That convolution weight is almost all zeros: each output channel averages
-    two or three neighbouring entries of the unfolded vector, so the matrix is
-    a narrow band. On the CPU we cut it into blocks of rows, each with the few
+    a few neighbouring entries of the unfolded vector (2 or 3 for
+    EfficientNet-Lite0, up to 18 for wide_resnet50_2's layer3), so the matrix
+    is a narrow band. On the CPU we cut it into blocks of rows, each with the
     columns it touches, and run one small matrix product per block on the
-    unfolded stage (a strided view of the padded stage, copied once per
-    batch), writing straight into the (B, h, w, d) output. That skips ~99% of
-    the dense convolution's multiply-adds; on CUDA the dense convolution is
-    kept, as it is already fast there.
+    unfolded stage, writing straight into the (B, h, w, d) output. The
+    unfolded values are copied one band of map rows at a time, so at most
+    ``_UNFOLD_BUDGET`` of them exist at once. With 32-row blocks over 512 rows
+    each block reads 1/16 of the columns: 94% of the dense convolution's
+    multiply-adds are skipped. On CUDA the dense convolution is kept, as it is
+    already fast there.
 
 ``"mean"``
     Each channel is averaged over its ``p x p`` neighbourhood (zero padding
@@ -60,6 +64,8 @@ def adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
 # 64 measured the same (efficientnet_lite0, 1024 dims); smaller blocks touch
 # fewer columns, larger ones make fewer calls.
 BLOCK_ROWS = 32
+# Most values of one stage's unfolded neighbourhoods held at once (32 MB).
+_UNFOLD_BUDGET = 1 << 23
 
 
 class StageMap:
@@ -113,7 +119,10 @@ class StageMap:
     def banded_into(self, stage: torch.Tensor, out: torch.Tensor) -> None:
         """Write the "reference" part into ``out`` of shape ``(B, h_l, w_l, rows)``.
 
-        ``out`` may be a slice of the last axis of a larger array.
+        ``out`` may be a slice of the last axis of a larger array. The
+        neighbourhoods are unfolded one band of map rows at a time (of one
+        image), so the unfolded buffer stays below ``_UNFOLD_BUDGET`` values
+        whatever the batch and image size.
         """
         p = self.patch_size
         batch, channels, height, width = stage.shape
@@ -126,18 +135,26 @@ class StageMap:
                 f"out must be a (B, h, w, rows) = {(batch, height, width, self.n_rows)} slice of a "
                 f"contiguous (B, h, w, d) array; got shape {tuple(out.shape)}, strides {out.stride()}."
             )
+        # (C, H, W) order first: the unfolded copy below then reads whole rows.
         padded = F.pad(stage.contiguous(), (p // 2,) * 4)
-        s_b, s_c, s_y, s_x = padded.stride()
-        # (B, C, p, p, h, w) view of every neighbourhood, copied once into the
-        # (B, C * p * p, h * w) layout of F.unfold.
-        unfolded = padded.as_strided(
-            (batch, channels, p, p, height, width), (s_b, s_c, s_y, s_x, s_y, s_x)
-        ).reshape(batch, channels * p * p, height * width)
-        vectors = unfolded.transpose(1, 2)
-        # (B, h * w, rows) view of out; its rows may be a slice of a wider last axis.
-        flat = out.as_strided((batch, height * width, out.shape[-1]), (out.stride(0), out.stride(2), 1))
-        for r0, r1, c0, c1, block in self.blocks:
-            torch.bmm(vectors[:, :, c0:c1], block.expand(batch, -1, -1), out=flat[:, :, r0:r1])
+        _, s_c, s_y, s_x = padded.stride()
+        band = max(1, min(height, _UNFOLD_BUDGET // (channels * p * p * width)))
+        for image in range(batch):
+            for top in range(0, height, band):
+                rows = min(band, height - top)
+                # (C, p, p, rows, w) view of the neighbourhoods of this band,
+                # copied into the (C * p * p, rows * w) layout of F.unfold.
+                unfolded = (
+                    padded[image, :, top:]
+                    .as_strided((channels, p, p, rows, width), (s_c, s_y, s_x, s_y, s_x))
+                    .reshape(channels * p * p, rows * width)
+                )
+                vectors = unfolded.t()
+                target = out[image, top : top + rows].as_strided(
+                    (rows * width, out.shape[-1]), (out.stride(2), 1)
+                )
+                for r0, r1, c0, c1, block in self.blocks:
+                    torch.mm(vectors[:, c0:c1], block, out=target[:, r0:r1])
 
 
 def _row_blocks(weight: torch.Tensor) -> list:

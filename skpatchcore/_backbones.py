@@ -345,9 +345,10 @@ class SamePadConv2d(nn.Conv2d):
         pad_h = _same_padding(height, self.kernel_size[0], self.stride[0], self.dilation[0])
         pad_w = _same_padding(width, self.kernel_size[1], self.stride[1], self.dilation[1])
         top, left = pad_h // 2, pad_w // 2
-        bottom, right = pad_h - top, pad_w - left
-        if (top, left) == (bottom, right):
-            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
+        if pad_h == pad_w == 0:
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        # Always an explicitly padded input, as timm does: the convolution's own
+        # padding can round differently (seen on 1-2 px inputs).
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
         padded = torch.empty(
             (*x.shape[:2], height + pad_h, width + pad_w),

@@ -419,13 +419,17 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 def _decode_workers(images, overlap: bool) -> int:
     """Threads that decode one batch's images side by side (PIL releases the GIL).
 
-    As many as torch's CPU threads (the cores the forward pass uses in turn),
-    at most 8. One when a PIL image object occurs twice in the input: decoding
-    the same object from two threads at once is not safe.
+    On the CPU as many as torch's threads (the cores the forward pass uses in
+    turn), with a GPU as many as the CPU has; at most 8. One when two PIL
+    images share what they decode from (the same image object, or lazily
+    opened images reading one file object): those cannot be read from two
+    threads at once.
     """
-    workers = min(8, os.cpu_count() or 1) if overlap else torch.get_num_threads()
-    pil_items = [id(item) for item in images.items if isinstance(item, Image.Image)]
-    if len(set(pil_items)) != len(pil_items):
+    workers = (os.cpu_count() or 1) if overlap else torch.get_num_threads()
+    sources = [
+        id(getattr(item, "fp", None) or item) for item in images.items if isinstance(item, Image.Image)
+    ]
+    if len(set(sources)) != len(sources):
         return 1
     return max(1, min(8, workers))
 

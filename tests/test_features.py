@@ -61,7 +61,10 @@ def test_reference_aggregation_equals_literal_unfold_and_pooling(real_stages, pr
 
 
 @pytest.mark.parametrize("patch_size", [1, 3, 5])
-def test_banded_cpu_path_equals_dense_convolution(patch_size):
+@pytest.mark.parametrize("budget", [None, 200])
+def test_banded_cpu_path_equals_dense_convolution(patch_size, budget, monkeypatch):
+    if budget is not None:  # unfold one or two map rows at a time
+        monkeypatch.setattr("skpatchcore._aggregation._UNFOLD_BUDGET", budget * patch_size**2)
     # Three stages, two at the first stage's resolution and one coarser, with
     # dims that make neighbouring stages share output rows.
     generator = torch.Generator().manual_seed(patch_size)
@@ -263,7 +266,7 @@ def test_folded_batch_norms_give_the_same_activations(name):
             assert float((a - b).norm() / b.norm()) < 1e-5
 
 
-@pytest.mark.parametrize("size", [(96, 96), (97, 50)])
+@pytest.mark.parametrize("size", [(96, 96), (97, 50), (5, 3)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_same_padding_swap_is_bit_identical_to_timm(size, channels_last):
     model = _lite_model("efficientnet_lite0", None)
@@ -432,7 +435,9 @@ def test_parallel_decoding_gives_the_sequential_features(tmp_path, monkeypatch):
         path = tmp_path / f"part{i}.png"
         Image.fromarray(image[:, :, 0]).save(path)
         paths.append(str(path))
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    # A real PNG cut short: its header reads, so only decoding (in the pool) fails.
+    whole = (tmp_path / "part0.png").read_bytes()
+    (tmp_path / "broken.png").write_bytes(whole[: len(whole) // 2])
     paths.insert(3, str(tmp_path / "broken.png"))
     transformer = PatchFeatureTransformer(
         backbone="efficientnet_lite0", image_size=64, crop_size=None, batch_size=3, device="cpu"
@@ -445,8 +450,29 @@ def test_parallel_decoding_gives_the_sequential_features(tmp_path, monkeypatch):
         results[workers] = (np.concatenate(rows), np.concatenate(features), dict(failed))
     (rows_1, feats_1, failed_1), (rows_3, feats_3, failed_3) = results[1], results[3]
     assert list(failed_1) == list(failed_3) == [3]
+    assert "truncated" in failed_3[3]
     assert np.array_equal(rows_1, rows_3) and rows_1.tolist() == [0, 1, 2, 4, 5, 6, 7]
     assert np.array_equal(feats_1, feats_3)
+    # Without skipping, the pool hands the decoding error back unchanged.
+    with pytest.raises(ImageReadError, match="X\\[3\\].*truncated"):
+        transformer.transform(paths)
+
+
+def test_lazy_pil_images_sharing_one_file_are_decoded_one_at_a_time(tmp_path):
+    import io
+
+    from skpatchcore._features import _decode_workers
+    from skpatchcore.utils._images import check_images
+
+    buffer = io.BytesIO()
+    Image.fromarray(textured_parts(1)[0, :, :, 0]).save(buffer, format="PNG")
+    shared = [Image.open(buffer) for _ in range(4)]
+    assert _decode_workers(check_images(shared), overlap=False) == 1
+    transformer = PatchFeatureTransformer(
+        backbone="efficientnet_lite0", image_size=64, crop_size=None, device="cpu"
+    ).fit([Image.open(buffer)])
+    features = transformer.transform([Image.open(buffer) for _ in range(4)])
+    assert np.array_equal(features[0], features[3])
 
 
 def test_a_repeated_pil_image_is_decoded_by_one_thread():
