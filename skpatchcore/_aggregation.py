@@ -135,17 +135,18 @@ class StageMap:
                 f"out must be a (B, h, w, rows) = {(batch, height, width, self.n_rows)} slice of a "
                 f"contiguous (B, h, w, d) array; got shape {tuple(out.shape)}, strides {out.stride()}."
             )
-        # (C, H, W) order first: the unfolded copy below then reads whole rows.
-        padded = F.pad(stage.contiguous(), (p // 2,) * 4)
-        _, s_c, s_y, s_x = padded.stride()
         band = max(1, min(height, _UNFOLD_BUDGET // (channels * p * p * width)))
         for image in range(batch):
+            # One image in (C, H, W) order, padded: the unfolded copy below then
+            # reads whole rows.
+            padded = F.pad(stage[image].contiguous(), (p // 2,) * 4)
+            s_c, s_y, s_x = padded.stride()
             for top in range(0, height, band):
                 rows = min(band, height - top)
                 # (C, p, p, rows, w) view of the neighbourhoods of this band,
                 # copied into the (C * p * p, rows * w) layout of F.unfold.
                 unfolded = (
-                    padded[image, :, top:]
+                    padded[:, top:]
                     .as_strided((channels, p, p, rows, width), (s_c, s_y, s_x, s_y, s_x))
                     .reshape(channels * p * p, rows * width)
                 )
