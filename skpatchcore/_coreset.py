@@ -70,13 +70,16 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
     """
     n_points, n_dims = points.shape
     min_dist = initial_distances(points, starts).astype(np.float32)
-    centered = points - points.mean(axis=0, dtype=np.float64).astype(np.float32)
-    sq_norms = np.einsum("ij,ij->i", centered, centered)
     # Rows [centered, sqrt(gamma) * norm]: their product adds the cross term of
-    # the error margin gamma * (|x| + |y|)^2 to the dot products for free.
-    augmented_t = np.empty((n_dims + 1, n_points), dtype=np.float32)
-    augmented_t[:n_dims] = centered.T
-    augmented_t[n_dims] = np.sqrt(_GAMMA * sq_norms)
+    # the error margin gamma * (|x| + |y|)^2 to the dot products for free. The
+    # products read it transposed (a view: BLAS takes either layout), so no
+    # transposed copy of the points is made.
+    augmented = np.empty((n_points, n_dims + 1), dtype=np.float32)
+    np.subtract(points, points.mean(axis=0, dtype=np.float64).astype(np.float32), out=augmented[:, :n_dims])
+    centered = augmented[:, :n_dims]
+    sq_norms = np.einsum("ij,ij->i", centered, centered)
+    augmented[:, n_dims] = np.sqrt(_GAMMA * sq_norms)
+    augmented_t = augmented.T
     half_center = 0.5 * (1.0 - _GAMMA) * sq_norms
     selected = np.empty(n_select, dtype=np.int64)
     count = 0
@@ -110,7 +113,7 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
 
 def _candidates(rows, augmented_t, half_point, half_center) -> dict[int, np.ndarray]:
     """For each centre in ``rows``: the points its bound cannot rule out, as sorted indices."""
-    left = np.ascontiguousarray(augmented_t[:, rows].T)
+    left = np.ascontiguousarray(augmented_t.T[rows])
     thresholds = half_center[rows][:, None]
     found: list[list[np.ndarray]] = [[] for _ in rows]
     for start in range(0, augmented_t.shape[1], _CHUNK_POINTS):
