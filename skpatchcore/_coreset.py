@@ -113,13 +113,17 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
 
 def _candidates(rows, augmented_t, half_point, half_center) -> dict[int, np.ndarray]:
     """For each centre in ``rows``: the points its bound cannot rule out, as sorted indices."""
-    left = np.ascontiguousarray(augmented_t.T[rows])
-    thresholds = half_center[rows][:, None]
+    # In torch (views of the same memory): its element-wise steps and nonzero
+    # use every core, numpy's one.
+    augmented = torch.from_numpy(augmented_t.T)
+    left = augmented[torch.from_numpy(rows)]
+    thresholds = torch.from_numpy(half_center[rows][:, None])
+    offsets = torch.from_numpy(half_point)
     found: list[list[np.ndarray]] = [[] for _ in rows]
     for start in range(0, augmented_t.shape[1], _CHUNK_POINTS):
-        bounds = left @ augmented_t[:, start : start + _CHUNK_POINTS]
-        bounds -= half_point[start : start + _CHUNK_POINTS]
-        hit_rows, hit_cols = np.nonzero(bounds > thresholds)
+        bounds = left @ augmented[start : start + _CHUNK_POINTS].T
+        bounds -= offsets[start : start + _CHUNK_POINTS]
+        hit_rows, hit_cols = (t.numpy() for t in torch.nonzero(bounds > thresholds, as_tuple=True))
         splits = np.searchsorted(hit_rows, np.arange(1, len(rows)))
         for row, cols in enumerate(np.split(hit_cols, splits)):
             found[row].append(cols + start)
