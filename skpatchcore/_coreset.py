@@ -79,7 +79,6 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
     centered = augmented[:, :n_dims]
     sq_norms = np.einsum("ij,ij->i", centered, centered)
     augmented[:, n_dims] = np.sqrt(_GAMMA * sq_norms)
-    augmented_t = augmented.T
     half_center = 0.5 * (1.0 - _GAMMA) * sq_norms
     selected = np.empty(n_select, dtype=np.int64)
     count = 0
@@ -99,7 +98,7 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
             if chosen not in candidates_of:
                 following = batch[rank[chosen] :]
                 rows = following[min_dist[following] >= tau][:_BLOCK_ROWS]
-                candidates_of.update(_candidates(rows, augmented_t, half_point, half_center))
+                candidates_of.update(_candidates(rows, augmented, half_point, half_center))
             candidates = candidates_of.pop(chosen)
             distances = row_distances(points[candidates], points[chosen])
             closer = distances < min_dist[candidates]
@@ -111,17 +110,18 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
     return selected
 
 
-def _candidates(rows, augmented_t, half_point, half_center) -> dict[int, np.ndarray]:
+def _candidates(rows, augmented, half_point, half_center) -> dict[int, np.ndarray]:
     """For each centre in ``rows``: the points its bound cannot rule out, as sorted indices."""
     # In torch, on views of the same memory (no copies): its matrix product
     # (MKL) and its element-wise steps and nonzero use every core; with numpy
     # (OpenBLAS, one-core element-wise steps) the whole loop was ~35% slower.
-    augmented = torch.from_numpy(augmented_t.T)
+    n_points = len(augmented)
+    augmented = torch.from_numpy(augmented)
     left = augmented[torch.from_numpy(rows)]
     thresholds = torch.from_numpy(half_center[rows][:, None])
     offsets = torch.from_numpy(half_point)
     found: list[list[np.ndarray]] = [[] for _ in rows]
-    for start in range(0, augmented_t.shape[1], _CHUNK_POINTS):
+    for start in range(0, n_points, _CHUNK_POINTS):
         bounds = left @ augmented[start : start + _CHUNK_POINTS].T
         bounds -= offsets[start : start + _CHUNK_POINTS]
         hit_rows, hit_cols = (t.numpy() for t in torch.nonzero(bounds > thresholds, as_tuple=True))
