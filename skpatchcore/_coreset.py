@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from numbers import Integral, Real
 
 import numpy as np
@@ -12,6 +13,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from .utils._buffers import empty_buffer
 from .utils._device import as_tensor, resolve_device
 from .utils._pickling import VersionedPickleMixin
 from .utils._validation import check_labels, check_patch_features
@@ -27,6 +29,8 @@ _GAMMA = 2e-5
 _BATCH_WIDTH = 1024
 _BLOCK_ROWS = 64
 _CHUNK_POINTS = 65536
+# Exact distances are computed in blocks of this many rows, one block per thread.
+_ROW_BLOCK = 4096
 
 
 def row_distances(points: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -40,9 +44,40 @@ def row_distances(points: np.ndarray, center: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
 
-def initial_distances(points: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Mean distance of every point to the start points (the reference's warm start)."""
-    return np.stack([row_distances(points, points[s]) for s in starts], axis=1).mean(axis=1)
+def initial_distances(points: np.ndarray, starts: np.ndarray, pool=None) -> np.ndarray:
+    """Mean distance of every point to the start points (the reference's warm start).
+
+    With a thread ``pool``, blocks of rows are computed side by side (numpy
+    releases the GIL); each row's value is the same either way.
+    """
+    centers = points[starts]
+
+    def block(rows):
+        return np.stack([row_distances(rows, center) for center in centers], axis=1).mean(axis=1)
+
+    if pool is None:
+        return block(points)
+    out = np.empty(len(points), dtype=np.result_type(points.dtype, np.float32))
+
+    def fill(start):
+        out[start : start + _ROW_BLOCK] = block(points[start : start + _ROW_BLOCK])
+
+    list(pool.map(fill, range(0, len(points), _ROW_BLOCK)))
+    return out
+
+
+def _distances_to(points: np.ndarray, rows: np.ndarray, center: np.ndarray, pool) -> np.ndarray:
+    """:func:`row_distances` of ``points[rows]``, in blocks side by side when there are many."""
+    if len(rows) < 2 * _ROW_BLOCK:
+        return row_distances(points[rows], center)
+    out = np.empty(len(rows), dtype=np.result_type(points.dtype, np.float32))
+
+    def fill(start):
+        block = rows[start : start + _ROW_BLOCK]
+        out[start : start + _ROW_BLOCK] = row_distances(points[block], center)
+
+    list(pool.map(fill, range(0, len(rows), _ROW_BLOCK)))
+    return out
 
 
 def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, progress=None) -> np.ndarray:
@@ -69,44 +104,46 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
     rows per selected point and exact distances for a few dozen candidates.
     """
     n_points, n_dims = points.shape
-    min_dist = initial_distances(points, starts).astype(np.float32)
-    # Rows [centered, sqrt(gamma) * norm]: their product adds the cross term of
-    # the error margin gamma * (|x| + |y|)^2 to the dot products for free. The
-    # products read it transposed (a view: BLAS takes either layout), so no
-    # transposed copy of the points is made.
-    augmented = np.empty((n_points, n_dims + 1), dtype=np.float32)
-    np.subtract(points, points.mean(axis=0, dtype=np.float64).astype(np.float32), out=augmented[:, :n_dims])
-    centered = augmented[:, :n_dims]
-    sq_norms = np.einsum("ij,ij->i", centered, centered)
-    augmented[:, n_dims] = np.sqrt(_GAMMA * sq_norms)
-    half_center = 0.5 * (1.0 - _GAMMA) * sq_norms
-    selected = np.empty(n_select, dtype=np.int64)
-    count = 0
-    while count < n_select:
-        batch, tau, tau_index = _farthest_batch(min_dist, min(_BATCH_WIDTH, n_points))
-        rank = {int(point): position for position, point in enumerate(batch)}
-        # Point i is a candidate for centre s when  <a_i, a_s> - half_point_i > half_center_s,
-        # i.e. when |x_i - x_s|^2 minus the margin is below (m_i (1 + slack))^2.
-        half_point = 0.5 * ((1.0 - _GAMMA) * sq_norms - np.square(min_dist * (1.0 + _SLACK)))
-        candidates_of: dict[int, np.ndarray] = {}
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        min_dist = initial_distances(points, starts, pool).astype(np.float32)
+        # Rows [centered, sqrt(gamma) * norm]: their product adds the cross term of
+        # the error margin gamma * (|x| + |y|)^2 to the dot products for free. The
+        # products read it transposed (a view: BLAS takes either layout), so no
+        # transposed copy of the points is made.
+        augmented = empty_buffer((n_points, n_dims + 1))
+        mean = points.mean(axis=0, dtype=np.float64).astype(np.float32)
+        np.subtract(points, mean, out=augmented[:, :n_dims])
+        centered = augmented[:, :n_dims]
+        sq_norms = np.einsum("ij,ij->i", centered, centered)
+        augmented[:, n_dims] = np.sqrt(_GAMMA * sq_norms)
+        half_center = 0.5 * (1.0 - _GAMMA) * sq_norms
+        selected = np.empty(n_select, dtype=np.int64)
+        count = 0
         while count < n_select:
-            current = min_dist[batch]
-            best = current.max()
-            chosen = int(batch[current == best].min())
-            if not (best > tau or (best == tau and chosen < tau_index)):
-                break  # the farthest point may now lie outside the batch
-            if chosen not in candidates_of:
-                following = batch[rank[chosen] :]
-                rows = following[min_dist[following] >= tau][:_BLOCK_ROWS]
-                candidates_of.update(_candidates(rows, augmented, half_point, half_center))
-            candidates = candidates_of.pop(chosen)
-            distances = row_distances(points[candidates], points[chosen])
-            closer = distances < min_dist[candidates]
-            min_dist[candidates[closer]] = distances[closer]
-            selected[count] = chosen
-            count += 1
-            if progress is not None:
-                progress.update(1)
+            batch, tau, tau_index = _farthest_batch(min_dist, min(_BATCH_WIDTH, n_points))
+            rank = {int(point): position for position, point in enumerate(batch)}
+            # Point i is a candidate for centre s when  <a_i, a_s> - half_point_i > half_center_s,
+            # i.e. when |x_i - x_s|^2 minus the margin is below (m_i (1 + slack))^2.
+            half_point = 0.5 * ((1.0 - _GAMMA) * sq_norms - np.square(min_dist * (1.0 + _SLACK)))
+            candidates_of: dict[int, np.ndarray] = {}
+            while count < n_select:
+                current = min_dist[batch]
+                best = current.max()
+                chosen = int(batch[current == best].min())
+                if not (best > tau or (best == tau and chosen < tau_index)):
+                    break  # the farthest point may now lie outside the batch
+                if chosen not in candidates_of:
+                    following = batch[rank[chosen] :]
+                    rows = following[min_dist[following] >= tau][:_BLOCK_ROWS]
+                    candidates_of.update(_candidates(rows, augmented, half_point, half_center))
+                candidates = candidates_of.pop(chosen)
+                distances = _distances_to(points, candidates, points[chosen], pool)
+                closer = distances < min_dist[candidates]
+                min_dist[candidates[closer]] = distances[closer]
+                selected[count] = chosen
+                count += 1
+                if progress is not None:
+                    progress.update(1)
     return selected
 
 
@@ -391,7 +428,10 @@ def _greedy(vectors, n_select, projection_dim, n_starts, rng, device, progress) 
         projection /= np.sqrt(projection_dim)
     starts = rng.choice(len(vectors), size=min(n_starts, len(vectors)), replace=False)
     if device.type == "cpu":
-        points = vectors @ projection if projection is not None else np.ascontiguousarray(vectors)
+        if projection is not None:
+            points = np.matmul(vectors, projection, out=empty_buffer((len(vectors), projection.shape[1])))
+        else:
+            points = np.ascontiguousarray(vectors)
         return greedy_indices_cpu(points, n_select, starts, progress)
     with torch.inference_mode():
         points = as_tensor(np.ascontiguousarray(vectors)).to(device)

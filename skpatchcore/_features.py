@@ -18,8 +18,16 @@ from tqdm.auto import tqdm
 
 from ._aggregation import AGGREGATIONS, aggregate, build_stage_maps
 from ._backbones import BackboneError, build_backbone, fingerprint
+from .utils._buffers import empty_buffer
 from .utils._device import cuda_precision, device_after_load, resolve_device
-from .utils._images import LEGACY_RESIZE_SIDE, RESIZE_SIDES, Geometry, ImageReadError, check_images
+from .utils._images import (
+    LEGACY_RESIZE_SIDE,
+    RESIZE_SIDES,
+    Geometry,
+    ImageReadError,
+    check_images,
+    to_unit_float,
+)
 from .utils._pickling import VersionedPickleMixin
 
 
@@ -277,7 +285,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         output = None
         for rows, features in batches:
             if output is None:
-                output = np.empty((n_images, *features.shape[1:]), dtype=np.float32)
+                output = empty_buffer((n_images, *features.shape[1:]))
             output[rows] = features.cpu().numpy()
         return output, input_size
 
@@ -316,12 +324,16 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         failed = images.failed
 
         def load_one(i):
+            # Decoded images stay 8-bit until the whole batch is converted at once.
             try:
-                return geometry.apply(images.load(i)), None
+                image = images.load(i)
+                if isinstance(image, Image.Image):
+                    return geometry.apply_8bit(image), None
+                return geometry.apply(image), None
             except ImageReadError as error:
                 if not skip:
                     raise
-                return np.zeros((*input_size, images.n_channels), dtype=np.float32), str(error)
+                return np.zeros((*input_size, images.n_channels), dtype=np.uint8), str(error)
 
         def load(rows, decoders):
             loaded = list(decoders.map(load_one, rows)) if decoders is not None else map(load_one, rows)
@@ -330,7 +342,13 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
                 pixels.append(image)
                 if problem is not None:
                     problems[int(i)] = problem
-            return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2), problems
+            if all(p.dtype == np.uint8 for p in pixels):
+                batch = to_unit_float(torch.from_numpy(np.stack(pixels)))
+            else:  # float arrays among them
+                batch = torch.from_numpy(
+                    np.stack([to_unit_float(p) if p.dtype == np.uint8 else p for p in pixels])
+                )
+            return batch.permute(0, 3, 1, 2), problems
 
         # On a GPU the next batch is decoded while the current one runs. On the
         # CPU the forward pass already keeps every core busy: decoding beside it

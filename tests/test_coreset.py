@@ -43,6 +43,28 @@ def test_fast_loop_selects_exactly_the_plain_loops_indices(points, fraction):
     np.testing.assert_array_equal(fast, greedy_coreset(points, n_select, starts))
 
 
+def test_blocked_distances_are_bit_identical_to_one_pass(monkeypatch):
+    """Rows split into blocks over threads give the same bits as one pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from skpatchcore import _coreset
+
+    points = clustered_points(2500, 24, seed=7)
+    starts = np.random.default_rng(3).choice(len(points), 10, replace=False)
+    monkeypatch.setattr(_coreset, "_ROW_BLOCK", 97)  # uneven blocks, a short last one
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        blocked = _coreset.initial_distances(points, starts, pool)
+        rows = np.random.default_rng(4).permutation(len(points))[:1000]
+        blocked_rows = _coreset._distances_to(points, rows, points[5], pool)
+    assert blocked.tobytes() == _coreset.initial_distances(points, starts).tobytes()
+    assert blocked_rows.tobytes() == _coreset.row_distances(points[rows], points[5]).tobytes()
+    for fraction in (0.01, 0.2):  # the whole loop, with every exact pass in blocks
+        n_select = int(len(points) * fraction)
+        np.testing.assert_array_equal(
+            greedy_indices_cpu(points, n_select, starts), greedy_coreset(points, n_select, starts)
+        )
+
+
 def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features):
     images = textured_parts(8, seed=11)
     vectors = lite_features.transform(images).reshape(-1, 1024)

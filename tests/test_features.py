@@ -146,6 +146,32 @@ def test_float_images_equal_uint8_images_scaled_to_unit_range(lite_features):
     np.testing.assert_allclose(as_float, as_uint8, rtol=0, atol=1e-5)
 
 
+def test_batches_converted_at_once_equal_images_converted_one_by_one(lite_features):
+    """8-bit images are converted per batch in torch; float arrays keep their own path."""
+    from skpatchcore.utils._images import to_unit_float
+
+    rng = np.random.default_rng(9)
+    image = Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
+    geometry = Geometry(64, 48)
+    by_torch = to_unit_float(torch.from_numpy(geometry.apply_8bit(image))).numpy()
+    assert by_torch.tobytes() == geometry.apply(image).tobytes()
+    # every 8-bit value divides to the same float32 in numpy and torch
+    levels = np.arange(256, dtype=np.uint8)
+    assert to_unit_float(torch.from_numpy(levels)).numpy().tobytes() == to_unit_float(levels).tobytes()
+
+    # At the model's input size nothing is resampled, so 8-bit images, float
+    # images and a batch mixing both reach the network as the same bits.
+    images = textured_parts(3, size=64, seed=10)
+    floats = images.astype(np.float32) / 255.0
+    lite_features.set_params(batch_size=3)
+    try:
+        mixed = lite_features.transform([images[0], floats[1], images[2]])
+        np.testing.assert_array_equal(mixed, lite_features.transform(floats))
+        np.testing.assert_array_equal(mixed, lite_features.transform(images))
+    finally:
+        lite_features.set_params(batch_size="auto")
+
+
 def test_grayscale_images_are_fed_as_three_identical_channels():
     gray = textured_parts(2, size=64, seed=7)[..., 0]
     transformer = PatchFeatureTransformer(
@@ -493,3 +519,25 @@ def test_lite0_fingerprint_is_unchanged_so_saved_models_still_load():
     assert fingerprint(build_backbone("efficientnet_lite0")) == (
         "38639efe03169246bddceb8fb62fa574ec24333f252bb3c248c4fccd05380bf2"
     )
+
+
+def test_empty_buffer_is_a_plain_writable_array():
+    """Large buffers come from their own mapping; they behave as any float32 array."""
+    import mmap
+    import pickle
+
+    from skpatchcore.utils._buffers import empty_buffer
+
+    big = empty_buffer((3, 700, 1024))  # 8.6 MB: mapped
+    assert big.shape == (3, 700, 1024) and big.dtype == np.float32
+    assert big.flags.writeable and big.flags.c_contiguous
+    owner = big
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    assert isinstance(getattr(owner, "obj", owner), mmap.mmap)
+    big[:] = np.arange(1024, dtype=np.float32)
+    copy = pickle.loads(pickle.dumps(big))
+    np.testing.assert_array_equal(copy, big)
+    assert empty_buffer((2, 3)).shape == (2, 3)  # small: plain np.empty
+    assert empty_buffer((0, 1024)).shape == (0, 1024)
+    assert empty_buffer(5, dtype=np.int64).dtype == np.int64

@@ -172,17 +172,34 @@ class Geometry:
                 pixels = np.stack(channels, axis=-1)
             else:
                 pixels = image.astype(np.float32, copy=False)
+            pixels = _center_crop(pixels, self.crop_size)
         else:
-            target = self.resized_size(image.height, image.width)
-            if target != (image.height, image.width):
-                image = image.resize((target[1], target[0]), Image.BILINEAR)
-            pixels = np.asarray(image, dtype=np.float32) / 255.0
-            if pixels.ndim == 2:
-                pixels = pixels[:, :, None]
-        pixels = _center_crop(pixels, self.crop_size)
+            pixels = to_unit_float(self.apply_8bit(image))
         if mask:
             return (pixels >= 0.5).astype(np.float32)
         return pixels
+
+    def apply_8bit(self, image: Image.Image) -> np.ndarray:
+        """Resize and crop a PIL image, keeping its 8-bit values: uint8 ``(h, w, c)``.
+
+        :func:`to_unit_float` of the result is exactly :meth:`apply`'s: the
+        crop comes before the conversion, so only the kept pixels are
+        converted, and a batch can be converted at once.
+        """
+        target = self.resized_size(image.height, image.width)
+        if target != (image.height, image.width):
+            image = image.resize((target[1], target[0]), Image.BILINEAR)
+        pixels = np.asarray(image)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        return _center_crop(pixels, self.crop_size)
+
+
+def to_unit_float(pixels):
+    """8-bit values (array or tensor) to float32 in [0, 1]: ``value / 255``, correctly rounded."""
+    if isinstance(pixels, np.ndarray):
+        return np.asarray(pixels, dtype=np.float32) / np.float32(255.0)
+    return pixels.float() / 255.0
 
 
 def _center_crop(pixels: np.ndarray, crop_size) -> np.ndarray:

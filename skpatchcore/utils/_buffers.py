@@ -1,0 +1,26 @@
+"""Large output buffers that do not stall the first write on huge-page compaction."""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+
+def empty_buffer(shape, dtype=np.float32) -> np.ndarray:
+    """An uninitialised writable array in its own anonymous memory mapping.
+
+    ``np.empty`` asks the kernel for transparent huge pages on large arrays.
+    Where free memory is fragmented the kernel then compacts memory while the
+    array is first written: on our 2-core test machine that made filling a
+    173 MB features array take 0.28-0.47 s instead of 0.07 s. A plain anonymous
+    mapping uses ordinary pages (unless the system forces huge pages on every
+    mapping) and, like a large ``np.empty``, goes back to the system as soon as
+    the array is freed. The array pickles, copies and converts like any other.
+    """
+    shape = tuple(int(n) for n in np.atleast_1d(shape)) if not isinstance(shape, int) else (shape,)
+    dtype = np.dtype(dtype)
+    n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if n_bytes < 1 << 22:  # below numpy's own huge-page threshold
+        return np.empty(shape, dtype=dtype)
+    return np.frombuffer(mmap.mmap(-1, n_bytes), dtype=dtype).reshape(shape)
