@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
-import math
 import os
 import threading
 from collections.abc import Sequence
@@ -20,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ._efficientnet_lite import LITE_STAGE_DEPTHS, EfficientNetLite
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,12 +57,6 @@ REGISTRY: dict[str, _Entry] = {
 }
 
 OFFLINE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-
-_LITE_STAGE_DEPTHS = {
-    "efficientnet_lite0": (1, 2, 2, 3, 3, 4, 1),
-    "efficientnet_lite1": (1, 3, 3, 4, 4, 5, 1),
-    "efficientnet_lite2": (1, 3, 3, 4, 4, 5, 1),
-}
 
 
 class _StopForward(Exception):
@@ -244,7 +238,7 @@ def rename_lite_keys(state: dict, name: str) -> dict:
     convolutions and their batch norms get timm's names. The first block has
     no expansion, so its projection is timm's ``conv_pw`` and its norms shift.
     """
-    depths = _LITE_STAGE_DEPTHS[name]
+    depths = LITE_STAGE_DEPTHS[name]
     block_to_stage = [(stage, j) for stage, depth in enumerate(depths) for j in range(depth)]
     top = {
         "_conv_stem": "conv_stem",
@@ -275,9 +269,7 @@ def rename_lite_keys(state: dict, name: str) -> dict:
 
 
 def _lite_model(name: str, weights) -> nn.Module:
-    import timm
-
-    model = timm.create_model("tf_" + name, pretrained=False)
+    model = EfficientNetLite(name)
     if weights is None:
         return model
     if weights == "imagenet":
@@ -329,64 +321,6 @@ def fold_batch_norms(model: nn.Module) -> None:
                 conv.bias = nn.Parameter(bias, requires_grad=False)
             rest = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
             setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
-
-
-class SamePadConv2d(nn.Conv2d):
-    """A convolution with TensorFlow's "same" padding, padded without a full fill.
-
-    Stands in for timm's ``Conv2dSame`` (used by the TF-ported EfficientNet-Lite
-    weights at stride 2), which pads with ``F.pad``: that fills the whole padded
-    copy with zeros before writing the input into it. Here only the thin border
-    is zeroed; the result is bit-for-bit the same.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        pad_h = _same_padding(height, self.kernel_size[0], self.stride[0], self.dilation[0])
-        pad_w = _same_padding(width, self.kernel_size[1], self.stride[1], self.dilation[1])
-        top, left = pad_h // 2, pad_w // 2
-        if pad_h == pad_w == 0:
-            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        # Always an explicitly padded input, as timm does: the convolution's own
-        # padding can round differently (seen on 1-2 px inputs).
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
-        padded = torch.empty(
-            (*x.shape[:2], height + pad_h, width + pad_w),
-            dtype=x.dtype,
-            device=x.device,
-            memory_format=layout or torch.contiguous_format,
-        )
-        padded[..., :top, :].zero_()
-        padded[..., top + height :, :].zero_()
-        padded[..., top : top + height, :left].zero_()
-        padded[..., top : top + height, left + width :].zero_()
-        padded[..., top : top + height, left : left + width].copy_(x)
-        return F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-
-def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
-    return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-
-
-def use_fast_same_padding(model: nn.Module) -> None:
-    """Swap timm's ``Conv2dSame`` modules for :class:`SamePadConv2d`, in place."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__ != "Conv2dSame" or not isinstance(child, nn.Conv2d):
-                continue
-            replacement = SamePadConv2d(
-                child.in_channels,
-                child.out_channels,
-                child.kernel_size,
-                stride=child.stride,
-                padding=0,
-                dilation=child.dilation,
-                groups=child.groups,
-                bias=child.bias is not None,
-            )
-            replacement.load_state_dict(child.state_dict())
-            replacement.requires_grad_(False)
-            setattr(parent, name, replacement)
 
 
 def _check_layers(model: nn.Module, layers, name: str) -> tuple[str, ...]:
@@ -489,7 +423,6 @@ def build_backbone(backbone, layers=None, weights="imagenet") -> FeatureExtracto
         if set(layers) <= set(entry.layers):
             _drop_modules(model, entry.unused)
         fold_batch_norms(model)
-        use_fast_same_padding(model)
     return FeatureExtractor(model, layers, mean, std)
 
 

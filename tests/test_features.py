@@ -17,13 +17,12 @@ from skpatchcore import BackboneError, ImageReadError, PatchFeatureTransformer
 from skpatchcore._aggregation import adaptive_pool_matrix, aggregate, build_stage_maps
 from skpatchcore._backbones import (
     FeatureExtractor,
-    SamePadConv2d,
     _lite_model,
     build_backbone,
     fingerprint,
     fold_batch_norms,
-    use_fast_same_padding,
 )
+from skpatchcore._efficientnet_lite import EfficientNetLite, SamePadConv2d
 from skpatchcore.utils._images import Geometry
 
 from .conftest import MPDD, textured_parts
@@ -292,19 +291,67 @@ def test_folded_batch_norms_give_the_same_activations(name):
             assert float((a - b).norm() / b.norm()) < 1e-5
 
 
-@pytest.mark.parametrize("size", [(96, 96), (97, 50), (5, 3)])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_same_padding_swap_is_bit_identical_to_timm(size, channels_last):
-    model = _lite_model("efficientnet_lite0", None)
-    swapped = copy.deepcopy(model)
-    use_fast_same_padding(swapped)
-    assert any(isinstance(m, SamePadConv2d) for m in swapped.modules())
-    assert not any(type(m).__name__ == "Conv2dSame" for m in swapped.modules())
-    x = torch.rand(2, 3, *size)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_architecture_is_timms_layer_for_layer(name):
+    """Same state_dict keys, order and shapes as timm's tf_ model, and its exact outputs."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    reference = timm.create_model("tf_" + name, pretrained=False).eval()
+    for module in reference.modules():  # non-trivial batch-norm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    ours = EfficientNetLite(name).eval()
+    expected = reference.state_dict()
+    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == [
+        (k, tuple(v.shape)) for k, v in expected.items()
+    ]
+    ours.load_state_dict(expected, strict=True)
+    # Layer names users may hook line up too (timm's pooling internals aside).
+    names = {n for n, _ in reference.named_modules() if not n.startswith("global_pool.")}
+    assert names <= {n for n, _ in ours.named_modules()}
+    sizes = [(96, 96), (97, 50), (5, 3)] if name == "efficientnet_lite0" else [(64, 64)]
     with torch.inference_mode():
-        assert torch.equal(swapped.eval()(x), model.eval()(x))
+        for size in sizes:
+            for channels_last in (False, True):
+                x = torch.rand(2, 3, *size)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                assert torch.equal(ours(x), reference(x)), (size, channels_last)
+
+
+@pytest.mark.parametrize("size", [(96, 96), (97, 50), (5, 3), (1, 2)])
+def test_same_padding_is_bit_identical_to_timms_padded_convolution(size):
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(1)
+    for kernel, stride in ((3, 2), (5, 2), (3, 1)):
+        reference = timm_layers.Conv2dSame(8, 8, kernel, stride, groups=8, bias=True)
+        ours = SamePadConv2d(8, 8, kernel, stride, 0, groups=8, bias=True)
+        ours.load_state_dict(reference.state_dict())
+        x = torch.rand(2, 8, *size)
+        with torch.inference_mode():
+            assert torch.equal(ours(x), reference(x))
+            x = x.contiguous(memory_format=torch.channels_last)
+            assert torch.equal(ours(x), reference(x))
+
+
+def test_offline_backbones_need_neither_timm_nor_torchvision():
+    """Building and running EfficientNet-Lite imports neither (nor torch._dynamo)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from skpatchcore import PatchFeatureTransformer\n"
+        "import numpy as np\n"
+        "images = np.zeros((1, 64, 64, 3), dtype=np.uint8)\n"
+        "transformer = PatchFeatureTransformer('efficientnet_lite0', image_size=64, crop_size=None)\n"
+        "transformer.set_params(device='cpu').fit_transform(images)\n"
+        "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_lite_weights_load_strictly_with_imagenet_normalisation():

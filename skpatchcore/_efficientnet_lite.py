@@ -1,0 +1,193 @@
+"""EfficientNet-Lite0/1/2 in plain torch, laid out as timm's ``tf_efficientnet_lite*``.
+
+The offline backbones only need this one small architecture. Building it here
+instead of through timm avoids importing timm, which imports torchvision and,
+through it, ``torch._dynamo``: on our test machine that import alone costs
+about 190 MB of resident memory and 2-3 s, in every process that fits, loads
+or runs a model.
+
+Module names, parameter shapes and the order of operations follow timm's
+model, so the same state_dict loads strictly, the backbone fingerprint is
+unchanged and the activations are bit-for-bit timm's (tests compare both).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Per stage: depthwise kernel, stride. Every stage after the first expands 6x.
+_STAGE_KERNELS = (3, 3, 5, 3, 5, 5, 3)
+_STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
+_EXPANSION = 6
+_STEM_CHANNELS = 32
+_HEAD_CHANNELS = 1280
+_BN_EPS = 1e-3  # the TensorFlow models' batch-norm epsilon
+
+# Output channels and blocks per stage (width/depth multipliers already
+# applied, rounded the way the original models were).
+LITE_CHANNELS = {
+    "efficientnet_lite0": (16, 24, 40, 80, 112, 192, 320),
+    "efficientnet_lite1": (16, 24, 40, 80, 112, 192, 320),
+    "efficientnet_lite2": (16, 24, 48, 88, 120, 208, 352),
+}
+LITE_STAGE_DEPTHS = {
+    "efficientnet_lite0": (1, 2, 2, 3, 3, 4, 1),
+    "efficientnet_lite1": (1, 3, 3, 4, 4, 5, 1),
+    "efficientnet_lite2": (1, 3, 3, 4, 4, 5, 1),
+}
+
+
+class SamePadConv2d(nn.Conv2d):
+    """A convolution with TensorFlow's "same" padding, padded without a full fill.
+
+    TensorFlow pads a strided convolution so that the output has
+    ``ceil(size / stride)`` rows, with the odd extra row at the bottom (right);
+    torch's own ``padding`` is symmetric, so the input is padded explicitly.
+    timm's ``Conv2dSame`` does it with ``F.pad``, which fills the whole padded
+    copy with zeros before writing the input into it; here only the thin
+    border is zeroed. The result is bit-for-bit the same.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pad_h = _same_padding(height, self.kernel_size[0], self.stride[0], self.dilation[0])
+        pad_w = _same_padding(width, self.kernel_size[1], self.stride[1], self.dilation[1])
+        top, left = pad_h // 2, pad_w // 2
+        if pad_h == pad_w == 0:
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        # Always an explicitly padded input, as timm does: the convolution's own
+        # padding can round differently (seen on 1-2 px inputs).
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+        padded = torch.empty(
+            (*x.shape[:2], height + pad_h, width + pad_w),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=layout or torch.contiguous_format,
+        )
+        padded[..., :top, :].zero_()
+        padded[..., top + height :, :].zero_()
+        padded[..., top : top + height, :left].zero_()
+        padded[..., top : top + height, left + width :].zero_()
+        padded[..., top : top + height, left : left + width].copy_(x)
+        return F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
+    return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+
+
+def _conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """A bias-free convolution with "same" padding: static when unstrided, explicit otherwise."""
+    if stride == 1:
+        return nn.Conv2d(in_channels, out_channels, kernel, 1, kernel // 2, groups=groups, bias=False)
+    return SamePadConv2d(in_channels, out_channels, kernel, stride, 0, groups=groups, bias=False)
+
+
+class NormAct(nn.BatchNorm2d):
+    """Batch norm, then ReLU6 or nothing; named like timm's ``BatchNormAct2d``.
+
+    The ``drop`` and ``act`` children are what :func:`fold_batch_norms` keeps
+    when it folds the norm into the convolution before it.
+    """
+
+    def __init__(self, channels: int, activation: bool = True):
+        super().__init__(channels, eps=_BN_EPS)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU6(inplace=True) if activation else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class _Block(nn.Module):
+    """Common parts of the two block kinds: optional residual, unused timm slots."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.has_skip = stride == 1 and in_channels == out_channels
+        # Present (as identities) in timm's blocks, so layer names line up.
+        self.aa = nn.Identity()
+        self.se = nn.Identity()
+        self.drop_path = nn.Identity()
+
+    def _residual(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return self.drop_path(x) + shortcut if self.has_skip else x
+
+
+class DepthwiseSeparable(_Block):
+    """First stage: depthwise convolution + ReLU6, then a 1x1 projection."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int):
+        super().__init__(in_channels, out_channels, stride)
+        self.conv_dw = _conv(in_channels, in_channels, kernel, stride, groups=in_channels)
+        self.bn1 = NormAct(in_channels)
+        self.conv_pw = _conv(in_channels, out_channels, 1)
+        self.bn2 = NormAct(out_channels, activation=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.se(self.aa(self.bn1(self.conv_dw(x))))
+        return self._residual(self.bn2(self.conv_pw(x)), shortcut)
+
+
+class InvertedResidual(_Block):
+    """MBConv without squeeze-excitation: 1x1 expansion, depthwise, 1x1 projection."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int):
+        super().__init__(in_channels, out_channels, stride)
+        mid = in_channels * _EXPANSION
+        self.conv_pw = _conv(in_channels, mid, 1)
+        self.bn1 = NormAct(mid)
+        self.conv_dw = _conv(mid, mid, kernel, stride, groups=mid)
+        self.bn2 = NormAct(mid)
+        self.conv_pwl = _conv(mid, out_channels, 1)
+        self.bn3 = NormAct(out_channels, activation=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.bn1(self.conv_pw(x))
+        x = self.se(self.aa(self.bn2(self.conv_dw(x))))
+        return self._residual(self.bn3(self.conv_pwl(x)), shortcut)
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite classifier (ImageNet, 1000 classes) with timm's module names.
+
+    Parameters
+    ----------
+    name : {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+        The variant. Weights are left at torch's default initialisation;
+        load a state_dict for pretrained ones.
+    """
+
+    def __init__(self, name: str, num_classes: int = 1000):
+        super().__init__()
+        if name not in LITE_CHANNELS:
+            raise ValueError(
+                f"Unknown EfficientNet-Lite variant {name!r}; use one of {sorted(LITE_CHANNELS)}."
+            )
+        self.conv_stem = _conv(3, _STEM_CHANNELS, 3, stride=2)
+        self.bn1 = NormAct(_STEM_CHANNELS)
+        stages, channels = [], _STEM_CHANNELS
+        specs = zip(LITE_CHANNELS[name], LITE_STAGE_DEPTHS[name], _STAGE_KERNELS, _STAGE_STRIDES)
+        for index, (out_channels, depth, kernel, stride) in enumerate(specs):
+            kind = DepthwiseSeparable if index == 0 else InvertedResidual
+            blocks = []
+            for j in range(depth):
+                blocks.append(kind(channels, out_channels, kernel, stride if j == 0 else 1))
+                channels = out_channels
+            stages.append(nn.Sequential(*blocks))
+        self.blocks = nn.Sequential(*stages)
+        self.conv_head = _conv(channels, _HEAD_CHANNELS, 1)
+        self.bn2 = NormAct(_HEAD_CHANNELS)
+        self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.classifier = nn.Linear(_HEAD_CHANNELS, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.bn1(self.conv_stem(x)))
+        x = self.bn2(self.conv_head(x))
+        return self.classifier(self.global_pool(x))
