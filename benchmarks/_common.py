@@ -26,7 +26,21 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (``getrusage``)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    On Linux this is ``VmHWM``, the high-water mark of the process's own
+    memory. ``getrusage``'s ``ru_maxrss`` is not used there: it carries over
+    the parent's resident size at ``fork`` (through ``exec``), so a benchmark
+    child started by a large parent reported the parent's size. (A tiny child
+    of a 2 GB parent: ru_maxrss 2074 MB, VmHWM 10 MB.)
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
