@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._efficientnet_lite import LITE_STAGE_DEPTHS, EfficientNetLite
+from ._efficientnet_lite import LITE_STAGE_DEPTHS, EfficientNetLite, fuse_relu6
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -423,6 +423,7 @@ def build_backbone(backbone, layers=None, weights="imagenet") -> FeatureExtracto
         if set(layers) <= set(entry.layers):
             _drop_modules(model, entry.unused)
         fold_batch_norms(model)
+        fuse_relu6(model)
     return FeatureExtractor(model, layers, mean, std)
 
 

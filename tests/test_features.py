@@ -320,6 +320,54 @@ def test_lite_architecture_is_timms_layer_for_layer(name):
                 assert torch.equal(ours(x), reference(x)), (size, channels_last)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 97, 50), (1, 3, 64, 64), (3, 3, 224, 224)])
+def test_fused_relu6_convolutions_give_the_unfused_bits(monkeypatch, shape):
+    """oneDNN's conv + clamp in one call equals the convolution then ReLU6, bit for bit."""
+    from skpatchcore import _efficientnet_lite as lite
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    assert lite._fused_relu6_available()
+    extractor = build_backbone("efficientnet_lite0")
+    n_fused = sum(getattr(m, "relu6", False) for m in extractor.modules())
+    assert n_fused == 22  # stem + every expansion and depthwise convolution up to blocks.4
+    assert not any(isinstance(m, torch.nn.ReLU6) for m in extractor.modules())
+    usable = lite._fused_relu6_usable
+    calls = []
+    monkeypatch.setattr(lite, "_fused_relu6_usable", lambda x, w: calls.append(usable(x, w)) or calls[-1])
+    x = torch.rand(*shape).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fused = extractor(x)
+        assert calls == [True] * n_fused
+        monkeypatch.setattr(lite, "_fused_relu6_usable", lambda x, w: False)
+        unfused = extractor(x)  # the same modules: convolution, then hardtanh_
+        assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
+        # (N, C, H, W) input is never fused
+        monkeypatch.setattr(lite, "_fused_relu6_usable", usable)
+        assert not usable(x.contiguous(), extractor.model.conv_stem.weight)
+
+
+def test_a_tapped_convolution_gives_what_it_gave_before_fusion():
+    """A hook on a convolution saw its output after the in-place ReLU6; it still does."""
+    from skpatchcore._efficientnet_lite import fuse_relu6
+
+    torch.manual_seed(2)
+    model = EfficientNetLite("efficientnet_lite0").eval()
+    folded, fused = copy.deepcopy(model), copy.deepcopy(model)
+    fold_batch_norms(folded)
+    fold_batch_norms(fused)
+    fuse_relu6(fused)
+    assert dict(fused.named_modules())["blocks.1.0.conv_pw"].relu6
+    layers = ["blocks.1.0.conv_pw", "blocks.2"]
+    x = torch.rand(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        before = FeatureExtractor(folded, layers, (0.5,) * 3, (0.5,) * 3)(x)
+        after = FeatureExtractor(fused, layers, (0.5,) * 3, (0.5,) * 3)(x)
+    for a, b in zip(after, before):
+        assert torch.equal(a, b)
+    assert after[0].min() >= 0
+
+
 @pytest.mark.parametrize("size", [(96, 96), (97, 50), (5, 3), (1, 2)])
 def test_same_padding_is_bit_identical_to_timms_padded_convolution(size):
     timm_layers = pytest.importorskip("timm.layers")
