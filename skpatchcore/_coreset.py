@@ -31,6 +31,11 @@ _BLOCK_ROWS = 64
 _CHUNK_POINTS = 65536
 # Exact distances are computed in blocks of this many rows, one block per thread.
 _ROW_BLOCK = 4096
+# A centre whose bound cannot rule out more than this fraction of all points is
+# checked against every point (blocks of rows, nothing gathered) instead of
+# listing them: early on, when running distances are large, such lists of a
+# whole block of centres took several times the memory of the points.
+_DENSE_FRACTION = 0.25
 
 
 def row_distances(points: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -66,17 +71,19 @@ def initial_distances(points: np.ndarray, starts: np.ndarray, pool=None) -> np.n
     return out
 
 
-def _distances_to(points: np.ndarray, rows: np.ndarray, center: np.ndarray, pool) -> np.ndarray:
-    """:func:`row_distances` of ``points[rows]``, in blocks side by side when there are many."""
-    if len(rows) < 2 * _ROW_BLOCK:
-        return row_distances(points[rows], center)
-    out = np.empty(len(rows), dtype=np.result_type(points.dtype, np.float32))
+def _distances_to(points: np.ndarray, rows: np.ndarray | None, center: np.ndarray, pool) -> np.ndarray:
+    """:func:`row_distances` of ``points[rows]`` (all points for None), in blocks side by side."""
+    n_rows = len(points) if rows is None else len(rows)
+    if n_rows < 2 * _ROW_BLOCK:
+        return row_distances(points if rows is None else points[rows], center)
+    out = np.empty(n_rows, dtype=np.result_type(points.dtype, np.float32))
 
     def fill(start):
-        block = rows[start : start + _ROW_BLOCK]
-        out[start : start + _ROW_BLOCK] = row_distances(points[block], center)
+        stop = start + _ROW_BLOCK
+        block = points[start:stop] if rows is None else points[rows[start:stop]]
+        out[start:stop] = row_distances(block, center)
 
-    list(pool.map(fill, range(0, len(rows), _ROW_BLOCK)))
+    list(pool.map(fill, range(0, n_rows, _ROW_BLOCK)))
     return out
 
 
@@ -138,8 +145,12 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
                     candidates_of.update(_candidates(rows, augmented, half_point, half_center))
                 candidates = candidates_of.pop(chosen)
                 distances = _distances_to(points, candidates, points[chosen], pool)
-                closer = distances < min_dist[candidates]
-                min_dist[candidates[closer]] = distances[closer]
+                if candidates is None:  # every point
+                    closer = distances < min_dist
+                    min_dist[closer] = distances[closer]
+                else:
+                    closer = distances < min_dist[candidates]
+                    min_dist[candidates[closer]] = distances[closer]
                 selected[count] = chosen
                 count += 1
                 if progress is not None:
@@ -147,25 +158,39 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
     return selected
 
 
-def _candidates(rows, augmented, half_point, half_center) -> dict[int, np.ndarray]:
-    """For each centre in ``rows``: the points its bound cannot rule out, as sorted indices."""
+def _candidates(rows, augmented, half_point, half_center) -> dict[int, np.ndarray | None]:
+    """For each centre in ``rows``: the points its bound cannot rule out, as sorted indices.
+
+    None stands for "too many to list" (over ``_DENSE_FRACTION`` of the
+    points): the caller then checks every point.
+    """
     # In torch, on views of the same memory (no copies): its matrix product
     # (MKL) and its element-wise steps and nonzero use every core; with numpy
     # (OpenBLAS, one-core element-wise steps) the whole loop was ~35% slower.
     n_points = len(augmented)
+    index_dtype = torch.int32 if n_points < 2**31 else torch.int64
+    dense_limit = int(_DENSE_FRACTION * n_points)
     augmented = torch.from_numpy(augmented)
     left = augmented[torch.from_numpy(rows)]
     thresholds = torch.from_numpy(half_center[rows][:, None])
     offsets = torch.from_numpy(half_point)
-    found: list[list[np.ndarray]] = [[] for _ in rows]
+    found: list[list[np.ndarray] | None] = [[] for _ in rows]
+    counts = [0] * len(rows)
     for start in range(0, n_points, _CHUNK_POINTS):
         bounds = left @ augmented[start : start + _CHUNK_POINTS].T
         bounds -= offsets[start : start + _CHUNK_POINTS]
-        hit_rows, hit_cols = (t.numpy() for t in torch.nonzero(bounds > thresholds, as_tuple=True))
+        hit_rows, hit_cols = torch.nonzero(bounds > thresholds, as_tuple=True)
+        hit_rows, hit_cols = hit_rows.numpy(), (hit_cols.to(index_dtype) + start).numpy()
         splits = np.searchsorted(hit_rows, np.arange(1, len(rows)))
         for row, cols in enumerate(np.split(hit_cols, splits)):
-            found[row].append(cols + start)
-    return {int(point): np.concatenate(parts) for point, parts in zip(rows, found)}
+            if found[row] is None:
+                continue
+            counts[row] += len(cols)
+            if counts[row] > dense_limit:
+                found[row] = None
+            else:
+                found[row].append(cols)
+    return {int(point): None if parts is None else np.concatenate(parts) for point, parts in zip(rows, found)}
 
 
 def _farthest_batch(min_dist: np.ndarray, width: int) -> tuple[np.ndarray, float, int]:

@@ -65,6 +65,32 @@ def test_blocked_distances_are_bit_identical_to_one_pass(monkeypatch):
         )
 
 
+@pytest.mark.parametrize("dense_fraction", [0.0, 0.05, 1.0])
+def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, dense_fraction):
+    """A centre whose candidate list would be long checks all points instead; same result."""
+    from skpatchcore import _coreset
+
+    monkeypatch.setattr(_coreset, "_DENSE_FRACTION", dense_fraction)
+    monkeypatch.setattr(_coreset, "_CHUNK_POINTS", 700)  # several chunks per bound row
+    seen = []
+    real = _coreset._candidates
+    monkeypatch.setattr(_coreset, "_candidates", lambda *a: seen.append(found := real(*a)) or found)
+    points = clustered_points(3000, 16, seed=8)
+    starts = np.random.default_rng(5).choice(len(points), 10, replace=False)
+    for n_select in (30, 300):
+        np.testing.assert_array_equal(
+            greedy_indices_cpu(points, n_select, starts), greedy_coreset(points, n_select, starts)
+        )
+    n_dense = sum(v is None for found in seen for v in found.values())
+    n_listed = sum(v is not None for found in seen for v in found.values())
+    if dense_fraction == 0.0:
+        assert n_listed == 0
+    elif dense_fraction == 1.0:
+        assert n_dense == 0
+    else:
+        assert n_dense > 0 and n_listed > 0
+
+
 def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features):
     images = textured_parts(8, seed=11)
     vectors = lite_features.transform(images).reshape(-1, 1024)
