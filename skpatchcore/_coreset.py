@@ -128,7 +128,6 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         count = 0
         while count < n_select:
             batch, tau, tau_index = _farthest_batch(min_dist, min(_BATCH_WIDTH, n_points))
-            rank = {int(point): position for position, point in enumerate(batch)}
             # Point i is a candidate for centre s when  <a_i, a_s> - half_point_i > half_center_s,
             # i.e. when |x_i - x_s|^2 minus the margin is below (m_i (1 + slack))^2.
             half_point = 0.5 * ((1.0 - _GAMMA) * sq_norms - np.square(min_dist * (1.0 + _SLACK)))
@@ -140,8 +139,10 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
                 if not (best > tau or (best == tau and chosen < tau_index)):
                     break  # the farthest point may now lie outside the batch
                 if chosen not in candidates_of:
-                    following = batch[rank[chosen] :]
-                    rows = following[min_dist[following] >= tau][:_BLOCK_ROWS]
+                    # The likeliest next picks: the rest of the batch still at or
+                    # above tau, farthest first (the order greedy takes them in).
+                    alive = batch[current >= tau]
+                    rows = alive[np.lexsort((alive, -min_dist[alive]))][:_BLOCK_ROWS]
                     candidates_of.update(_candidates(rows, augmented, half_point, half_center))
                 candidates = candidates_of.pop(chosen)
                 distances = _distances_to(points, candidates, points[chosen], pool)
