@@ -354,7 +354,9 @@ def projected_points(vectors: np.ndarray, seed: int):
     projection = rng.standard_normal((vectors.shape[1], projection_dim)).astype(np.float32)
     projection /= np.sqrt(projection_dim)
     starts = rng.choice(len(vectors), size=min(n_starts, len(vectors)), replace=False)
-    return vectors @ projection, starts
+    with torch.inference_mode():  # as the sampler projects on the CPU
+        points = torch.from_numpy(np.ascontiguousarray(vectors)) @ torch.from_numpy(projection)
+    return points.numpy(), starts
 
 
 def _timed(function, *args):
