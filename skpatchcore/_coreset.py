@@ -454,15 +454,10 @@ def _greedy(vectors, n_select, projection_dim, n_starts, rng, device, progress) 
         projection /= np.sqrt(projection_dim)
     starts = rng.choice(len(vectors), size=min(n_starts, len(vectors)), replace=False)
     if device.type == "cpu":
-        if projection is None:
-            return greedy_indices_cpu(np.ascontiguousarray(vectors), n_select, starts, progress)
-        # The projection runs in torch, like the loop that follows: numpy's
-        # OpenBLAS threads keep spinning for a while after a product and slowed
-        # the start of the loop by ~20%.
-        points = empty_buffer((len(vectors), projection.shape[1]))
-        source = as_tensor(np.ascontiguousarray(vectors))
-        with torch.inference_mode():
-            torch.matmul(source, torch.from_numpy(projection), out=torch.from_numpy(points))
+        if projection is not None:
+            points = np.matmul(vectors, projection, out=empty_buffer((len(vectors), projection.shape[1])))
+        else:
+            points = np.ascontiguousarray(vectors)
         return greedy_indices_cpu(points, n_select, starts, progress)
     with torch.inference_mode():
         points = as_tensor(np.ascontiguousarray(vectors)).to(device)
