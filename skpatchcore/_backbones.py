@@ -63,6 +63,27 @@ class _StopForward(Exception):
     """Raised by a hook once every requested stage has been captured."""
 
 
+class _Capture:
+    """Forward hook that stores a stage's output for its extractor's current call.
+
+    An object rather than a closure, so that a copied or pickled extractor's
+    hooks refer to the copy (deepcopy and pickle follow the reference).
+    """
+
+    def __init__(self, extractor: FeatureExtractor, name: str):
+        self.extractor = extractor
+        self.name = name
+
+    def __call__(self, module, inputs, output):
+        extractor = self.extractor
+        captured = getattr(extractor._local, "captured", None)
+        if captured is None:
+            return
+        captured[self.name] = output
+        if len(captured) == len(extractor.layers):
+            raise _StopForward
+
+
 class FeatureExtractor(nn.Module):
     """Run a backbone up to the last requested stage and return those stages.
 
@@ -91,18 +112,7 @@ class FeatureExtractor(nn.Module):
         self._local = threading.local()
         modules = dict(self.model.named_modules())
         for name in self.layers:
-            modules[name].register_forward_hook(self._make_hook(name))
-
-    def _make_hook(self, name: str):
-        def hook(module, inputs, output):
-            captured = getattr(self._local, "captured", None)
-            if captured is None:
-                return
-            captured[name] = output
-            if len(captured) == len(self.layers):
-                raise _StopForward
-
-        return hook
+            modules[name].register_forward_hook(_Capture(self, name))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Stage outputs for ``images`` of shape (B, 3, H, W) with values in [0, 1]."""
@@ -423,7 +433,7 @@ def build_backbone(backbone, layers=None, weights="imagenet") -> FeatureExtracto
         if set(layers) <= set(entry.layers):
             _drop_modules(model, entry.unused)
         fold_batch_norms(model)
-        fuse_relu6(model)
+        fuse_relu6(model, keep=layers)
     return FeatureExtractor(model, layers, mean, std)
 
 

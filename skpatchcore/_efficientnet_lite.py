@@ -46,34 +46,60 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` that can take over the ReLU6 that follows it.
 
     :func:`fuse_relu6` sets ``relu6`` once the batch norm between them is
-    folded away. On the CPU, for channels-last input, the convolution then runs
-    as one oneDNN call with the clamp applied to its output as it is written
-    (one pass less over the largest activations, ~10% of the forward pass);
-    otherwise it is the convolution followed by ``hardtanh_``. Both give the
-    same bits (tested).
+    folded away. On the CPU, for channels-last float32 input with oneDNN
+    enabled, the convolution then runs as one oneDNN call with the clamp
+    applied to its output as it is written (one pass less over the largest
+    activations, ~10% of the forward pass); otherwise it is the convolution
+    followed by ``hardtanh_``.
+
+    The two must give the same bits, but torch does not always run a plain
+    convolution through oneDNN (e.g. 1x1 convolutions of one small image), and
+    then its result can differ by float rounding. So the first call for each
+    input shape (and thread count) runs both and compares them; only a shape
+    whose results agree runs fused from then on.
     """
 
     relu6 = False
+
+    def __getstate__(self):
+        # The verdicts hold for this machine and this torch only.
+        state = super().__getstate__()
+        state.pop("_fused_verdicts", None)
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv(x, self.padding)
 
     def _conv(self, x: torch.Tensor, padding) -> torch.Tensor:
         if self.relu6 and _fused_relu6_usable(x, self.weight):
-            return torch.ops.mkldnn._convolution_pointwise(
-                x,
-                self.weight,
-                self.bias,
-                list(padding),
-                list(self.stride),
-                list(self.dilation),
-                self.groups,
-                "hardtanh",
-                [0.0, 6.0],
-                "",
-            )
+            key = (tuple(x.shape), tuple(padding), torch.get_num_threads())
+            verdicts = self.__dict__.setdefault("_fused_verdicts", {})
+            verdict = verdicts.get(key)
+            if verdict:
+                return self._fused(x, padding)
+            if verdict is None:
+                plain = self._plain(x, padding)
+                verdicts[key] = torch.equal(self._fused(x, padding), plain)
+                return plain
+        return self._plain(x, padding)
+
+    def _plain(self, x: torch.Tensor, padding) -> torch.Tensor:
         out = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
         return F.hardtanh(out, 0.0, 6.0, inplace=True) if self.relu6 else out
+
+    def _fused(self, x: torch.Tensor, padding) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x,
+            self.weight,
+            self.bias,
+            list(padding),
+            list(self.stride),
+            list(self.dilation),
+            self.groups,
+            "hardtanh",
+            [0.0, 6.0],
+            "",
+        )
 
 
 def _fused_relu6_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -85,12 +111,15 @@ def _fused_relu6_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
+    # torch.backends.mkldnn.enabled, read on every call: it can be switched off at any time.
+    if not torch._C._get_mkldnn_enabled():
+        return False
     return _fused_relu6_available()
 
 
 @functools.cache
 def _fused_relu6_available() -> bool:
-    """Whether this torch has oneDNN's fused convolution and it matches conv + clamp exactly."""
+    """Whether this torch has oneDNN's fused convolution and it runs."""
     op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
@@ -99,7 +128,7 @@ def _fused_relu6_available() -> bool:
     weight = torch.randn(4, 1, 3, 3, generator=generator)
     bias = torch.randn(4, generator=generator)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode():  # oneDNN is enabled here: _fused_relu6_usable checked it
             fused = op(x, weight, bias, [1, 1], [1, 1], [1, 1], 4, "hardtanh", [0.0, 6.0], "")
             plain = F.hardtanh(F.conv2d(x, weight, bias, 1, 1, 1, 4), 0.0, 6.0)
     except (RuntimeError, TypeError):  # the private op changed or is missing a kernel
@@ -259,19 +288,21 @@ class EfficientNetLite(nn.Module):
         return self.classifier(self.global_pool(x))
 
 
-def fuse_relu6(model: nn.Module) -> None:
+def fuse_relu6(model: nn.Module, keep=()) -> None:
     """Let each :class:`Conv2d` apply the ReLU6 that follows it, in place.
 
     Run after :func:`~skpatchcore._backbones.fold_batch_norms`, which leaves
     each folded norm's activation (``Sequential(drop, ReLU6)``) right after its
     convolution; that activation becomes an identity and the convolution
-    clamps its own output. A tapped convolution's output does not change: the
-    in-place ReLU6 already clamped the very tensor a hook had captured.
+    clamps its own output. Convolutions named in ``keep`` (tapped layers) stay
+    as they are: when a tapped convolution is the last layer, the forward pass
+    stops right after it and its ReLU6 never ran.
     """
+    names = {module: name for name, module in model.named_modules()}
     for parent in list(model.modules()):
         children = [(n, c) for n, c in parent.named_children() if not isinstance(c, nn.Identity)]
         for (_, conv), (act_name, act) in zip(children, children[1:]):
-            if not isinstance(conv, Conv2d) or conv.relu6:
+            if not isinstance(conv, Conv2d) or conv.relu6 or names.get(conv) in keep:
                 continue
             if not isinstance(act, nn.Sequential):
                 continue

@@ -147,13 +147,22 @@ def test_float_images_equal_uint8_images_scaled_to_unit_range(lite_features):
 
 def test_batches_converted_at_once_equal_images_converted_one_by_one(lite_features):
     """8-bit images are converted per batch in torch; float arrays keep their own path."""
-    from skpatchcore.utils._images import to_unit_float
+    from skpatchcore.utils._images import _center_crop, to_unit_float
 
     rng = np.random.default_rng(9)
-    image = Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
-    geometry = Geometry(64, 48)
-    by_torch = to_unit_float(torch.from_numpy(geometry.apply_8bit(image))).numpy()
-    assert by_torch.tobytes() == geometry.apply(image).tobytes()
+    for size, mode, geometry in [
+        ((90, 70, 3), "RGB", Geometry(64, 48)),
+        ((90, 70), "L", Geometry(64, 48)),
+        ((30, 50, 3), "RGB", Geometry(40, 64)),  # crop larger than the image: zero padding
+        ((30, 80, 3), "RGB", Geometry(64, 64, resize_side="longer")),  # letterbox
+    ]:
+        image = Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8), mode)
+        # the per-image float conversion the batch conversion replaced
+        height, width = geometry.resized_size(image.height, image.width)
+        old = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
+        old = _center_crop(old if old.ndim == 3 else old[:, :, None], geometry.crop_size)
+        by_torch = to_unit_float(torch.from_numpy(np.array(geometry.apply_8bit(image)))).numpy()
+        assert by_torch.shape == old.shape and by_torch.tobytes() == np.ascontiguousarray(old).tobytes()
     # every 8-bit value divides to the same float32 in numpy and torch
     levels = np.arange(256, dtype=np.uint8)
     assert to_unit_float(torch.from_numpy(levels)).numpy().tobytes() == to_unit_float(levels).tobytes()
@@ -329,43 +338,93 @@ def test_fused_relu6_convolutions_give_the_unfused_bits(monkeypatch, shape):
         pytest.skip("this torch has no oneDNN")
     assert lite._fused_relu6_available()
     extractor = build_backbone("efficientnet_lite0")
-    n_fused = sum(getattr(m, "relu6", False) for m in extractor.modules())
-    assert n_fused == 22  # stem + every expansion and depthwise convolution up to blocks.4
+    convs = [m for m in extractor.modules() if getattr(m, "relu6", False)]
+    assert len(convs) == 22  # stem + every expansion and depthwise convolution up to blocks.4
     assert not any(isinstance(m, torch.nn.ReLU6) for m in extractor.modules())
-    usable = lite._fused_relu6_usable
-    calls = []
-    monkeypatch.setattr(lite, "_fused_relu6_usable", lambda x, w: calls.append(usable(x, w)) or calls[-1])
+    fused_calls = []
+    real_fused = lite.Conv2d._fused
+    monkeypatch.setattr(lite.Conv2d, "_fused", lambda self, *a: fused_calls.append(1) or real_fused(self, *a))
     x = torch.rand(*shape).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
+        first = extractor(x)  # each convolution checks fused against plain once for this shape
+        assert all(list(conv._fused_verdicts.values()) == [True] for conv in convs)
+        fused_calls.clear()
         fused = extractor(x)
-        assert calls == [True] * n_fused
+        assert len(fused_calls) == len(convs)  # now every one runs fused
         monkeypatch.setattr(lite, "_fused_relu6_usable", lambda x, w: False)
         unfused = extractor(x)  # the same modules: convolution, then hardtanh_
-        assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
-        # (N, C, H, W) input is never fused
-        monkeypatch.setattr(lite, "_fused_relu6_usable", usable)
-        assert not usable(x.contiguous(), extractor.model.conv_stem.weight)
+    for a, b, c in zip(fused, unfused, first):
+        assert torch.equal(a, b) and torch.equal(b, c)
 
 
-def test_a_tapped_convolution_gives_what_it_gave_before_fusion():
-    """A hook on a convolution saw its output after the in-place ReLU6; it still does."""
-    from skpatchcore._efficientnet_lite import fuse_relu6
+def test_fusion_falls_back_where_torch_would_not_use_onednn(monkeypatch):
+    """A shape whose fused result differs (or oneDNN switched off) runs unfused."""
+    from skpatchcore import _efficientnet_lite as lite
 
+    torch.manual_seed(3)
+    conv = lite.Conv2d(16, 96, 1, bias=True).requires_grad_(False)
+    conv.relu6 = True
+
+    def expected(x):
+        return torch.nn.functional.conv2d(x, conv.weight, conv.bias).clamp(0.0, 6.0)
+
+    with torch.inference_mode():
+        for size in [(1, 16, 1, 2), (1, 16, 3, 3), (4, 16, 20, 20)]:
+            x = torch.randn(*size).contiguous(memory_format=torch.channels_last)
+            for _ in range(2):  # the checking call, then the decided one
+                assert torch.equal(conv(x), expected(x))
+        assert len(conv._fused_verdicts) == 3
+        # A fused result off by one rounding step is caught on the first call and never used.
+        real_fused, fused_calls = lite.Conv2d._fused, []
+
+        def off_by_rounding(self, *args):
+            fused_calls.append(1)
+            return torch.nextafter(real_fused(self, *args), torch.tensor(7.0))
+
+        monkeypatch.setattr(lite.Conv2d, "_fused", off_by_rounding)
+        x = torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+        for _ in range(3):
+            assert torch.equal(conv(x), expected(x))
+        assert (
+            fused_calls == [1]
+            and conv._fused_verdicts[(tuple(x.shape), (0, 0), torch.get_num_threads())] is False
+        )
+        if torch.backends.mkldnn.is_available():
+            assert lite._fused_relu6_usable(x, conv.weight)
+        enabled = torch.backends.mkldnn.enabled
+        try:
+            torch.backends.mkldnn.enabled = False
+            assert not lite._fused_relu6_usable(x, conv.weight)
+        finally:
+            torch.backends.mkldnn.enabled = enabled
+
+
+@pytest.mark.parametrize(
+    "layers, tapped, clamped",
+    [
+        (["blocks.2", "blocks.3.0.conv_pw"], 1, False),  # last: the forward stops before its ReLU6
+        (["blocks.1.0.conv_pw", "blocks.2"], 0, True),  # not last: its in-place ReLU6 ran on it
+    ],
+)
+def test_a_tapped_convolution_keeps_its_unfused_output(layers, tapped, clamped):
     torch.manual_seed(2)
     model = EfficientNetLite("efficientnet_lite0").eval()
-    folded, fused = copy.deepcopy(model), copy.deepcopy(model)
+    folded = copy.deepcopy(model)
     fold_batch_norms(folded)
-    fold_batch_norms(fused)
-    fuse_relu6(fused)
-    assert dict(fused.named_modules())["blocks.1.0.conv_pw"].relu6
-    layers = ["blocks.1.0.conv_pw", "blocks.2"]
+    fused = copy.deepcopy(folded)
+    from skpatchcore._efficientnet_lite import fuse_relu6
+
+    fuse_relu6(fused, keep=layers)
+    assert not dict(fused.named_modules())[layers[tapped]].relu6
+    assert sum(getattr(m, "relu6", False) for m in fused.modules()) > 20
     x = torch.rand(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         before = FeatureExtractor(folded, layers, (0.5,) * 3, (0.5,) * 3)(x)
-        after = FeatureExtractor(fused, layers, (0.5,) * 3, (0.5,) * 3)(x)
-    for a, b in zip(after, before):
-        assert torch.equal(a, b)
-    assert after[0].min() >= 0
+        extractor = FeatureExtractor(fused, layers, (0.5,) * 3, (0.5,) * 3)
+        for _ in range(2):
+            after = extractor(x)
+            assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert bool(after[tapped].min() >= 0) == clamped
 
 
 @pytest.mark.parametrize("size", [(96, 96), (97, 50), (5, 3), (1, 2)])
@@ -619,6 +678,7 @@ def test_lite0_fingerprint_is_unchanged_so_saved_models_still_load():
 def test_empty_buffer_is_a_plain_writable_array():
     """Large buffers come from their own mapping; they behave as any float32 array."""
     import mmap
+    import os
     import pickle
 
     from skpatchcore.utils._buffers import empty_buffer
@@ -633,6 +693,27 @@ def test_empty_buffer_is_a_plain_writable_array():
     big[:] = np.arange(1024, dtype=np.float32)
     copy = pickle.loads(pickle.dumps(big))
     np.testing.assert_array_equal(copy, big)
+    if hasattr(os, "fork"):  # private memory: a forked child's writes stay in the child
+        pid = os.fork()
+        if pid == 0:
+            big[0, 0, 0] = 42.0
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert big[0, 0, 0] == 0.0
     assert empty_buffer((2, 3)).shape == (2, 3)  # small: plain np.empty
     assert empty_buffer((0, 1024)).shape == (0, 1024)
     assert empty_buffer(5, dtype=np.int64).dtype == np.int64
+
+
+def test_benchmark_stock_backbone_is_timms_network_with_the_same_weights():
+    """benchmarks.plain.stock_backbone, the speed baseline, is timm's model, not the package's."""
+    pytest.importorskip("timm")
+    from benchmarks.plain import stock_backbone
+
+    stock = stock_backbone("efficientnet_lite0")
+    assert type(stock.model).__module__.startswith("timm.")
+    ours = build_backbone("efficientnet_lite0")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        for a, b in zip(ours(x.contiguous(memory_format=torch.channels_last)), stock(x)):
+            assert relative_error(a, b) < 1e-4  # folded batch norms: float rounding only

@@ -487,6 +487,36 @@ def test_a_user_backbone_is_stored_as_weights_and_needs_its_architecture(
     np.testing.assert_array_equal(loaded.decision_function(images), model.decision_function(images))
 
 
+def test_a_user_backbone_pipeline_survives_joblib_and_deepcopy(good_parts, defective_parts):
+    """The stage hooks belong to the extractor they were made for, also in a copy."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = make_patchcore(
+        backbone=TinyNet(),
+        layers=["stage1", "stage2"],
+        pretrain_dim=64,
+        target_dim=64,
+        ratio=0.5,
+        random_state=0,
+        **{key: value for key, value in SMALL.items() if key != "backbone"},
+    ).fit(good_parts)
+    buffer = io.BytesIO()
+    joblib.dump(model, buffer)
+    buffer.seek(0)
+    images = defective_parts[0]
+    expected = model.decision_function(images)
+    np.testing.assert_array_equal(joblib.load(buffer).decision_function(images), expected)
+    extractor = model.steps[0][1].backbone_
+    twin = copy.deepcopy(extractor)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        for a, b in zip(twin(x), extractor(x)):
+            assert torch.equal(a, b)
+    np.testing.assert_array_equal(copy.deepcopy(model).decision_function(images), expected)
+
+
 # --------------------------------------------------------------------------
 # Devices
 # --------------------------------------------------------------------------

@@ -16,11 +16,17 @@ def empty_buffer(shape, dtype=np.float32) -> np.ndarray:
     173 MB features array take 0.28-0.47 s instead of 0.07 s. A plain anonymous
     mapping uses ordinary pages (unless the system forces huge pages on every
     mapping) and, like a large ``np.empty``, goes back to the system as soon as
-    the array is freed. The array pickles, copies and converts like any other.
+    the array is freed. The mapping is private, so a forked process gets its own
+    copy on write, as with ``np.empty``. The array pickles, copies and converts
+    like any other; only ``ndarray.resize`` refuses it (it does not own its data).
     """
     shape = tuple(int(n) for n in np.atleast_1d(shape)) if not isinstance(shape, int) else (shape,)
     dtype = np.dtype(dtype)
     n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if n_bytes < 1 << 22:  # below numpy's own huge-page threshold
         return np.empty(shape, dtype=dtype)
-    return np.frombuffer(mmap.mmap(-1, n_bytes), dtype=dtype).reshape(shape)
+    if hasattr(mmap, "MAP_PRIVATE"):  # POSIX: private, so a forked child copies on write
+        memory = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:
+        memory = mmap.mmap(-1, n_bytes)
+    return np.frombuffer(memory, dtype=dtype).reshape(shape)
