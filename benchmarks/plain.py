@@ -15,16 +15,22 @@ import torch.nn.functional as F
 def stock_backbone(name: str = "efficientnet_lite0"):
     """The backbone as its library builds it, the way the reference code runs it.
 
-    Same weights and stages as ``skpatchcore.build_backbone(name)``, but with
-    the batch norms left as separate passes and timm's own "same" padding;
-    callers feed it contiguous (N, C, H, W) input, not channels-last.
+    Same weights and stages as ``skpatchcore.build_backbone(name)``, but timm's
+    own network (``tf_efficientnet_lite*``): batch norms as separate passes,
+    timm's "same" padding, separate activations. Callers feed it contiguous
+    (N, C, H, W) input, not channels-last.
     """
-    from skpatchcore._backbones import REGISTRY, FeatureExtractor, _lite_model
+    import timm
+
+    from skpatchcore._backbones import REGISTRY, FeatureExtractor, lite_weights_path, rename_lite_keys
 
     entry = REGISTRY[name]
     if entry.source != "lite":
         raise ValueError(f"stock_backbone covers the EfficientNet-Lite entries; got {name!r}.")
-    return FeatureExtractor(_lite_model(name, "imagenet"), entry.layers, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    model = timm.create_model("tf_" + name, pretrained=False)
+    state = torch.load(lite_weights_path(name), map_location="cpu", weights_only=True)
+    model.load_state_dict(rename_lite_keys(state, name), strict=True)
+    return FeatureExtractor(model, entry.layers, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def reference_features(stages, patch_size=3, pretrain_dim=1024, target_dim=1024):

@@ -11,7 +11,7 @@ scores the test images and reports
   bank + threshold calibration), each step fitted separately in pipeline order;
 - predict time per image (one ``predict_map`` call over all test images:
   features, search and maps, divided by the number of images);
-- peak RSS of that process (``getrusage``), so each configuration's memory is
+- peak RSS of that process (its own high-water mark, ``VmHWM`` on Linux), so each configuration's memory is
   its own.
 
 Results go to ``<out>/<name>.json`` (all numbers, settings and the machine) and
