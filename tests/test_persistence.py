@@ -460,11 +460,9 @@ class TinyNet(nn.Module):
         return self.stage2(torch.relu(self.stage1(torch.relu(self.stem(x)))))
 
 
-def test_a_user_backbone_is_stored_as_weights_and_needs_its_architecture(
-    tmp_path, good_parts, defective_parts
-):
+def tiny_net_model(good_parts):
     torch.manual_seed(0)
-    model = make_patchcore(
+    return make_patchcore(
         backbone=TinyNet(),
         layers=["stage1", "stage2"],
         pretrain_dim=64,
@@ -473,6 +471,12 @@ def test_a_user_backbone_is_stored_as_weights_and_needs_its_architecture(
         random_state=0,
         **{key: value for key, value in SMALL.items() if key != "backbone"},
     ).fit(good_parts)
+
+
+def test_a_user_backbone_is_stored_as_weights_and_needs_its_architecture(
+    tmp_path, good_parts, defective_parts
+):
+    model = tiny_net_model(good_parts)
     path = tmp_path / "tiny.skpatchcore"
     save(model, path)
     assert "backbone.safetensors" in read_members(path)
@@ -492,16 +496,7 @@ def test_a_user_backbone_pipeline_survives_joblib_and_deepcopy(good_parts, defec
     import copy
     import io
 
-    torch.manual_seed(0)
-    model = make_patchcore(
-        backbone=TinyNet(),
-        layers=["stage1", "stage2"],
-        pretrain_dim=64,
-        target_dim=64,
-        ratio=0.5,
-        random_state=0,
-        **{key: value for key, value in SMALL.items() if key != "backbone"},
-    ).fit(good_parts)
+    model = tiny_net_model(good_parts)
     buffer = io.BytesIO()
     joblib.dump(model, buffer)
     buffer.seek(0)
