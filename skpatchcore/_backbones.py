@@ -278,8 +278,9 @@ def rename_lite_keys(state: dict, name: str) -> dict:
     return renamed
 
 
-def _lite_model(name: str, weights) -> nn.Module:
-    model = EfficientNetLite(name)
+def _lite_model(name: str, weights, model: nn.Module | None = None) -> nn.Module:
+    """EfficientNet-Lite ``name`` with ``weights`` loaded into ``model`` (default: the package's own)."""
+    model = EfficientNetLite(name) if model is None else model
     if weights is None:
         return model
     if weights == "imagenet":
