@@ -19,13 +19,14 @@ from .utils._pickling import VersionedPickleMixin
 from .utils._validation import check_labels, check_patch_features
 
 # Safety margins of the batched bound (see greedy_indices_cpu). SLACK is relative
-# to a point's running distance; GAMMA bounds float32 rounding of a dot product
-# of 129 terms (~129 * 6e-8 = 7.7e-6 of the norms' product) with room to spare.
+# to a point's running distance; GAMMA, relative to (|x| + |y|)^2, covers float32
+# rounding of the bound: a sum of 130 products (<= 130 * 6e-8 * 0.75 = 5.8e-6 of
+# that scale, see _candidates) plus the squared norms (<= 7.7e-6 of it), with room.
 _SLACK = 1e-4
-_GAMMA = 2e-5
-# Points whose bound rows are computed per batch; rows are made in blocks of
-# _BLOCK_ROWS centres against _CHUNK_POINTS points at a time, so each pass over
-# the points serves many centres and the work buffer stays at 64 x 65536 floats.
+_GAMMA = 5e-5
+# The farthest _BATCH_WIDTH points form a batch, out of which the next picks are
+# found; bound rows are made for _BLOCK_ROWS picks at a time against _CHUNK_POINTS
+# points at a time, so the product buffer stays at 64 x 65536 floats.
 _BATCH_WIDTH = 1024
 _BLOCK_ROWS = 64
 _CHUNK_POINTS = 65536
@@ -87,6 +88,50 @@ def _distances_to(points: np.ndarray, rows: np.ndarray | None, center: np.ndarra
     return out
 
 
+def _lower_listed(points, listed, min_dist, pool) -> None:
+    """Lower ``min_dist`` with the exact distances of each (centre, candidates) pair.
+
+    Candidates of many centres are computed side by side, in work items of at
+    most ``_ROW_BLOCK`` rows, each row as :func:`row_distances` computes it
+    (the same bits); the minima are then taken one centre at a time (exact, in
+    any order).
+    """
+    sizes = np.array([len(candidates) for _, candidates in listed])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    distances = np.empty(int(offsets[-1]), dtype=min_dist.dtype)
+    # Work items: runs of whole small lists, or slices of a long one, ~_ROW_BLOCK rows each.
+    items, item, item_rows = [], [], 0
+    for entry, size in enumerate(sizes):
+        for low in range(0, int(size), _ROW_BLOCK):
+            high = min(int(size), low + _ROW_BLOCK)
+            if item_rows + high - low > _ROW_BLOCK and item:
+                items.append(item)
+                item, item_rows = [], 0
+            item.append((entry, low, high))
+            item_rows += high - low
+    if item:
+        items.append(item)
+
+    def fill(item):
+        # One work buffer per item; take(mode="clip") fills it in place (the
+        # indices are valid; the default mode would copy through a temporary).
+        work = np.empty((max(high - low for _, low, high in item), points.shape[1]), dtype=points.dtype)
+        for entry, low, high in item:
+            center, candidates = listed[entry]
+            diff = np.take(points, candidates[low:high], axis=0, out=work[: high - low], mode="clip")
+            diff -= points[center]
+            out = distances[offsets[entry] + low : offsets[entry] + high]
+            np.einsum("ij,ij->i", diff, diff, out=out)
+            np.sqrt(out, out=out)
+
+    if len(items) > 1:
+        list(pool.map(fill, items))
+    elif items:
+        fill(items[0])
+    for entry, (_, candidates) in enumerate(listed):
+        np.minimum.at(min_dist, candidates, distances[offsets[entry] : offsets[entry + 1]])
+
+
 def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, progress=None) -> np.ndarray:
     """Greedy k-center selection, exactly as the plain loop, in batches.
 
@@ -99,91 +144,108 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
        ``_BATCH_WIDTH`` farthest points (ties by index, as ``np.argmax``) and
        ``tau`` is the largest ``m`` outside ``S``, the next selections come out of
        ``S`` for as long as some member of ``S`` is still above ``tau``.
-    2. For the members of ``S``, one matrix product gives every point's squared
-       distance to them, up to a proven float32 error bound. A point needs its
-       exact distance to a new centre only if that bound says it *might* be
-       closer than its ``m``; all others provably keep their ``m``.
-    3. Exact distances of those few candidates use :func:`row_distances`, the
-       plain loop's own arithmetic, so the running distances stay
+    2. Which members those are, and in which order, depends only on the
+       members' own distances: :func:`_batch_picks` replays the loop on ``S``
+       alone, so every pick of the batch is known before any work on the
+       other points.
+    3. For the picks, one matrix product gives every point's squared distance
+       to them, up to a proven float32 error bound. A point needs its exact
+       distance to a pick only if that bound says it *might* be closer than
+       its ``m``; all others provably keep their ``m``.
+    4. Exact distances of those few candidates use :func:`row_distances`'s
+       arithmetic, the plain loop's own, so the running distances stay
        bit-identical to the plain loop's and so do the selected indices.
 
-    On patch features of one MVTec-style category this computes ~1.3 bound
-    rows per selected point and exact distances for a few dozen candidates.
+    So each selected point costs one bound row (a row of a matrix product)
+    plus exact distances for the candidates: on the patch features of one
+    MVTec-style category, a few hundred per selected point.
     """
+    points = np.ascontiguousarray(points, dtype=np.float32)  # as the plain loop: float32 distances
     n_points, n_dims = points.shape
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         min_dist = initial_distances(points, starts, pool).astype(np.float32)
-        # Rows [centered, sqrt(gamma) * norm]: their product adds the cross term of
-        # the error margin gamma * (|x| + |y|)^2 to the dot products for free. The
-        # products read it transposed (a view: BLAS takes either layout), so no
-        # transposed copy of the points is made.
-        augmented = empty_buffer((n_points, n_dims + 1))
+        # Rows [centered, sqrt(gamma) * norm, -half_point] (see _candidates): the
+        # product adds the cross term of the margin gamma * (|x| + |y|)^2 and
+        # subtracts each point's offset for free. It reads the rows transposed (a
+        # view: BLAS takes either layout), so no transposed copy is made.
+        augmented = empty_buffer((n_points, n_dims + 2))
         mean = points.mean(axis=0, dtype=np.float64).astype(np.float32)
         np.subtract(points, mean, out=augmented[:, :n_dims])
         centered = augmented[:, :n_dims]
         sq_norms = np.einsum("ij,ij->i", centered, centered)
         augmented[:, n_dims] = np.sqrt(_GAMMA * sq_norms)
         half_center = 0.5 * (1.0 - _GAMMA) * sq_norms
+        work = empty_buffer((_BLOCK_ROWS, min(_CHUNK_POINTS, n_points)))
         selected = np.empty(n_select, dtype=np.int64)
         count = 0
         while count < n_select:
             batch, tau, tau_index = _farthest_batch(min_dist, min(_BATCH_WIDTH, n_points))
+            chosen = _batch_picks(points, batch, min_dist[batch], tau, tau_index, n_select - count)
             # Point i is a candidate for centre s when  <a_i, a_s> - half_point_i > half_center_s,
-            # i.e. when |x_i - x_s|^2 minus the margin is below (m_i (1 + slack))^2.
-            half_point = 0.5 * ((1.0 - _GAMMA) * sq_norms - np.square(min_dist * (1.0 + _SLACK)))
-            candidates_of: dict[int, np.ndarray] = {}
-            while count < n_select:
-                current = min_dist[batch]
-                best = current.max()
-                chosen = int(batch[current == best].min())
-                if not (best > tau or (best == tau and chosen < tau_index)):
-                    break  # the farthest point may now lie outside the batch
-                if chosen not in candidates_of:
-                    # The likeliest next picks: the rest of the batch still at or
-                    # above tau, farthest first (the order greedy takes them in).
-                    alive = batch[current >= tau]
-                    rows = alive[np.lexsort((alive, -min_dist[alive]))][:_BLOCK_ROWS]
-                    candidates_of.update(_candidates(rows, augmented, half_point, half_center))
-                candidates = candidates_of.pop(chosen)
-                distances = _distances_to(points, candidates, points[chosen], pool)
-                if candidates is None:  # every point
-                    closer = distances < min_dist
-                    min_dist[closer] = distances[closer]
-                else:
-                    closer = distances < min_dist[candidates]
-                    min_dist[candidates[closer]] = distances[closer]
-                selected[count] = chosen
-                count += 1
-                if progress is not None:
-                    progress.update(1)
+            # i.e. when |x_i - x_s|^2 minus the margin is below (m_i (1 + slack))^2; the last
+            # column holds -half_point, so the product subtracts it.
+            augmented[:, n_dims + 1] = np.square(min_dist * (1.0 + _SLACK)) - (1.0 - _GAMMA) * sq_norms
+            augmented[:, n_dims + 1] *= 0.5
+            for start in range(0, len(chosen), _BLOCK_ROWS):
+                rows = chosen[start : start + _BLOCK_ROWS]
+                found = _candidates(rows, augmented, half_center, work, pool)
+                listed = []
+                for center, candidates in zip(rows, found):
+                    if candidates is None:  # every point
+                        np.minimum(min_dist, _distances_to(points, None, points[center], pool), out=min_dist)
+                    else:
+                        listed.append((center, candidates))
+                if listed:
+                    _lower_listed(points, listed, min_dist, pool)
+            selected[count : count + len(chosen)] = chosen
+            count += len(chosen)
+            if progress is not None:
+                progress.update(len(chosen))
     return selected
 
 
-def _candidates(rows, augmented, half_point, half_center) -> dict[int, np.ndarray | None]:
+def _candidates(rows, augmented, half_center, work, pool=None) -> list[np.ndarray | None]:
     """For each centre in ``rows``: the points its bound cannot rule out, as sorted indices.
 
+    ``augmented`` rows are [x_i - mean, sqrt(gamma) |x_i - mean|, -half_point_i];
+    the centres' rows take 1 in the last column, so one product gives
+    <a_i, a_s> - half_point_i, to compare with half_center_s. In exact
+    arithmetic that is half of  m'_i^2 - |x_i - x_s|^2 + gamma (|x_i| + |x_s|)^2
+    (norms about the mean). Its float32 error, whatever the summation order, is
+    at most 130 u times the sum of the terms' sizes, which is below
+    0.75 (1 + gamma) (|x_i| + |x_s|)^2 + 0.5 m'_i^2: the margins gamma and SLACK
+    cover it, so every point whose exact distance can fall below m_i is listed.
     None stands for "too many to list" (over ``_DENSE_FRACTION`` of the
-    points): the caller then checks every point.
+    points): the caller then checks every point. ``work`` holds the products.
     """
-    # In torch, on views of the same memory (no copies): its matrix product
-    # (MKL) and its element-wise steps and nonzero use every core; with numpy
-    # (OpenBLAS, one-core element-wise steps) the whole loop was ~35% slower.
+    # The product in torch (MKL, every core) into the reused ``work`` buffer; the
+    # comparison and listing in NumPy, half of the rows per thread (torch's
+    # comparison and nonzero took twice as long on these shapes).
     n_points = len(augmented)
-    index_dtype = torch.int32 if n_points < 2**31 else torch.int64
+    index_dtype = np.int32 if n_points < 2**31 else np.int64
     dense_limit = int(_DENSE_FRACTION * n_points)
-    augmented = torch.from_numpy(augmented)
-    left = augmented[torch.from_numpy(rows)]
-    thresholds = torch.from_numpy(half_center[rows][:, None])
-    offsets = torch.from_numpy(half_point)
+    points_t = torch.from_numpy(augmented)
+    left = points_t[torch.from_numpy(rows)]
+    left[:, -1] = 1.0
+    thresholds = half_center[rows][:, None]
     found: list[list[np.ndarray] | None] = [[] for _ in rows]
     counts = [0] * len(rows)
+    n_parts = 1 if pool is None or len(rows) < 2 else 2
+    parts = np.array_split(np.arange(len(rows)), n_parts)
     for start in range(0, n_points, _CHUNK_POINTS):
-        bounds = left @ augmented[start : start + _CHUNK_POINTS].T
-        bounds -= offsets[start : start + _CHUNK_POINTS]
-        hit_rows, hit_cols = torch.nonzero(bounds > thresholds, as_tuple=True)
-        hit_rows, hit_cols = hit_rows.numpy(), (hit_cols.to(index_dtype) + start).numpy()
-        splits = np.searchsorted(hit_rows, np.arange(1, len(rows)))
-        for row, cols in enumerate(np.split(hit_cols, splits)):
+        chunk = points_t[start : start + _CHUNK_POINTS]
+        width = len(chunk)
+        bounds = work.reshape(-1)[: len(rows) * width].reshape(len(rows), width)
+        torch.mm(left, chunk.T, out=torch.from_numpy(bounds))
+
+        def hits(part, bounds=bounds, width=width, start=start):
+            flat = np.flatnonzero(bounds[part[0] : part[-1] + 1] > thresholds[part[0] : part[-1] + 1])
+            local_rows = flat // width
+            cols = (flat - local_rows * width + start).astype(index_dtype)
+            return np.split(cols, np.searchsorted(local_rows, np.arange(1, len(part))))
+
+        listed = list(pool.map(hits, parts)) if n_parts > 1 else [hits(parts[0])]
+        for row, cols in enumerate(cols for part in listed for cols in part):
             if found[row] is None:
                 continue
             counts[row] += len(cols)
@@ -191,7 +253,35 @@ def _candidates(rows, augmented, half_point, half_center) -> dict[int, np.ndarra
                 found[row] = None
             else:
                 found[row].append(cols)
-    return {int(point): None if parts is None else np.concatenate(parts) for point, parts in zip(rows, found)}
+    return [None if parts is None else np.concatenate(parts) for parts in found]
+
+
+def _batch_picks(points, batch, values, tau, tau_index, limit) -> np.ndarray:
+    """The centres the greedy loop takes next from ``batch``, in order.
+
+    ``values`` are the batch's running distances. While the farthest of them
+    beats ``tau`` (the largest running distance outside the batch, which can
+    only have fallen since), it is the next pick; the batch's own distances are
+    then lowered with :func:`row_distances`, bit for bit as the full update
+    would lower them. The rest of the points are not needed to know the picks.
+    """
+    order = np.argsort(batch)  # by index, so argmax breaks ties as the plain loop's argmax
+    batch, values = batch[order], values[order]
+    members = points[batch]
+    picks = []
+    while len(picks) < limit and len(values):
+        at = int(values.argmax())
+        best, chosen = values[at], int(batch[at])
+        if not (best > tau or (best == tau and chosen < tau_index)):
+            break  # the farthest point may now lie outside the batch
+        picks.append(chosen)
+        np.minimum(values, row_distances(members, points[chosen]), out=values)
+        # Members below tau can no longer be picked from this batch (a larger one
+        # would have to come first); drop them once they are a quarter of the rows.
+        alive = values >= tau
+        if 4 * np.count_nonzero(alive) < 3 * len(values):
+            batch, values, members = batch[alive], values[alive], members[alive]
+    return np.array(picks, dtype=np.int64)
 
 
 def _farthest_batch(min_dist: np.ndarray, width: int) -> tuple[np.ndarray, float, int]:

@@ -43,6 +43,36 @@ def test_fast_loop_selects_exactly_the_plain_loops_indices(points, fraction):
     np.testing.assert_array_equal(fast, greedy_coreset(points, n_select, starts))
 
 
+@pytest.mark.parametrize("width,block_rows", [(3, 1), (16, 5), (200, 64)])
+def test_narrow_batches_and_small_blocks_give_the_same_indices(monkeypatch, width, block_rows):
+    """Batch edges (tau and its ties) and bound rows split over blocks change nothing."""
+    from skpatchcore import _coreset
+
+    monkeypatch.setattr(_coreset, "_BATCH_WIDTH", width)
+    monkeypatch.setattr(_coreset, "_BLOCK_ROWS", block_rows)
+    grid = np.stack(np.meshgrid(np.arange(25), np.arange(25)), axis=-1).reshape(-1, 2).astype(np.float32)
+    duplicates = np.repeat(np.random.default_rng(6).normal(size=(90, 8)).astype(np.float32), 5, axis=0)
+    for points in (grid, duplicates, clustered_points(1200, 16, seed=9)):
+        starts = np.random.default_rng(7).choice(len(points), 10, replace=False)
+        for n_select in (1, 37, len(points) // 4):
+            np.testing.assert_array_equal(
+                greedy_indices_cpu(points, n_select, starts), greedy_coreset(points, n_select, starts)
+            )
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_far_apart_clusters_need_and_get_the_rounding_margin(offset):
+    """Two tight clusters far from their common mean: the bound's float32 rounding is
+    large next to the distances inside a cluster, and without the margin (_GAMMA = 0)
+    points that do get closer are missed and the indices change."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(3000, 16))
+    points = (noise + np.where(np.arange(3000) < 1500, offset, -offset)[:, None]).astype(np.float32)
+    starts = rng.choice(len(points), 10, replace=False)
+    fast = greedy_indices_cpu(points, 300, starts)
+    np.testing.assert_array_equal(fast, greedy_coreset(points, 300, starts))
+
+
 def test_blocked_distances_are_bit_identical_to_one_pass(monkeypatch):
     """Rows split into blocks over threads give the same bits as one pass."""
     from concurrent.futures import ThreadPoolExecutor
@@ -81,8 +111,8 @@ def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, 
         np.testing.assert_array_equal(
             greedy_indices_cpu(points, n_select, starts), greedy_coreset(points, n_select, starts)
         )
-    n_dense = sum(v is None for found in seen for v in found.values())
-    n_listed = sum(v is not None for found in seen for v in found.values())
+    n_dense = sum(v is None for found in seen for v in found)
+    n_listed = sum(v is not None for found in seen for v in found)
     if dense_fraction == 0.0:
         assert n_listed == 0
     elif dense_fraction == 1.0:
