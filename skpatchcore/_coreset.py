@@ -27,7 +27,7 @@ _GAMMA = 5e-5
 # The farthest _BATCH_WIDTH points form a batch, out of which the next picks are
 # found; bound rows are made for _BLOCK_ROWS picks at a time against _CHUNK_POINTS
 # points at a time, so the product buffer stays at 64 x 65536 floats.
-_BATCH_WIDTH = 1024
+_BATCH_WIDTH = 512
 _BLOCK_ROWS = 64
 _CHUNK_POINTS = 65536
 # Exact distances are computed in blocks of this many rows, one block per thread.
