@@ -446,7 +446,10 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         >>> len(sampler.sample_indices_), sampler.n_patches_seen_
         (50, 500)
         """
-        X = check_patch_features(self, X, reset=True)
+        return self._fit(check_patch_features(self, X, reset=True), y)
+
+    def _fit(self, X, y):
+        """:meth:`fit` on features already validated."""
         good = check_labels(y, len(X))
         n_features = X.shape[-1]
         per_image = int(np.prod(X.shape[1:-1])) if X.ndim > 2 else 1
@@ -467,6 +470,7 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         self.sample_indices_ = positions[chosen]
         return self
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit_transform(self, X, y=None, **fit_params):
         """Choose the coreset and return ``X`` with the other patches masked.
 
@@ -496,8 +500,9 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         >>> int((~masked.mask[..., 0]).sum())  # patches kept: 25 % of 32
         8
         """
-        self.fit(X, y)
-        X = check_patch_features(self, X, reset=False)
+        # Validated once (float32 check and a pass over every value), for both steps.
+        X = check_patch_features(self, X, reset=True)
+        self._fit(X, y)
         kept = np.zeros(X.shape[:-1], dtype=bool).reshape(-1)
         kept[self.sample_indices_] = True
         mask = np.broadcast_to(~kept.reshape(*X.shape[:-1], 1), X.shape)
