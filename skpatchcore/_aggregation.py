@@ -215,16 +215,27 @@ def build_stage_maps(
     return maps, (target_dim if reduce else total)
 
 
-def aggregate(stages: list[torch.Tensor], maps: list[StageMap], out_dim: int) -> torch.Tensor:
+def aggregate(
+    stages: list[torch.Tensor], maps: list[StageMap], out_dim: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Fuse stage activations into ``(B, out_dim, h, w)`` on the first stage's grid.
 
     The result is a channels-last view: its memory is laid out as
     ``(B, h, w, out_dim)``, so ``.permute(0, 2, 3, 1)`` of it is contiguous.
+    ``out``, if given, is that contiguous ``(B, h, w, out_dim)`` array; the
+    result is then a view of it.
     """
     first = stages[0]
     batch = first.shape[0]
     height, width = first.shape[-2:]
-    out = first.new_empty((batch, height, width, out_dim))
+    shape = (batch, height, width, out_dim)
+    if out is None:
+        out = first.new_empty(shape)
+    elif tuple(out.shape) != shape or not out.is_contiguous() or out.device != first.device:
+        raise ValueError(
+            f"out must be a contiguous {shape} tensor on {first.device}; got {tuple(out.shape)} "
+            f"on {out.device}."
+        )
     written = torch.zeros(out_dim, dtype=torch.bool)
     for stage, stage_map in zip(stages, maps):
         rows = stage_map.rows

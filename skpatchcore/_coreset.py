@@ -175,7 +175,7 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         sq_norms = np.einsum("ij,ij->i", centered, centered)
         augmented[:, n_dims] = np.sqrt(_GAMMA * sq_norms)
         half_center = 0.5 * (1.0 - _GAMMA) * sq_norms
-        work = empty_buffer((_BLOCK_ROWS, min(_CHUNK_POINTS, n_points)))
+        work = empty_buffer((_BLOCK_ROWS, min(_CHUNK_POINTS, n_points)), populate=False)  # partly used
         selected = np.empty(n_select, dtype=np.int64)
         count = 0
         while count < n_select:

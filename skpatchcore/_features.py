@@ -281,15 +281,24 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
     def _transform(self, X) -> tuple[np.ndarray, tuple[int, int]]:
         """Features and the model input size ``(H, W)`` they were computed at."""
-        batches, input_size, n_images, _ = self._feature_batches(X)
+        # On the CPU each batch after the first is written straight into the
+        # output (no copy of the whole set's features).
         output = None
+
+        def into(rows):
+            if output is None or self.device_.type != "cpu":
+                return None
+            return torch.from_numpy(output[rows[0] : rows[-1] + 1])
+
+        batches, input_size, n_images, _ = self._feature_batches(X, into=into)
         for rows, features in batches:
             if output is None:
                 output = empty_buffer((n_images, *features.shape[1:]))
-            output[rows] = features.cpu().numpy()
+            if features.data_ptr() != output[rows[0] :].ctypes.data:  # not written in place
+                output[rows] = features.cpu().numpy()
         return output, input_size
 
-    def _feature_batches(self, X, on_error: str = "raise"):
+    def _feature_batches(self, X, on_error: str = "raise", into=None):
         """Validate ``X`` and extract its features batch by batch.
 
         Returns ``(batches, input_size, n_images, failed)``: ``batches`` yields
@@ -299,6 +308,9 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         copies them to the host nor holds the features of the whole set. With
         ``on_error="skip"`` an image that cannot be read or decoded is left out
         and ``failed`` (position -> reason) fills in as batches are decoded.
+        ``into(positions)``, when given, may return a contiguous (B, h, w, d)
+        tensor for a batch's features to be written into (positions are then
+        consecutive, as they always are when no image is skipped).
         """
         check_is_fitted(self)
         skip = on_error == "skip"
@@ -376,7 +388,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
                         pixels, problems = load(rows, pool)
                     failed.update(problems)
                     keep = np.array([i not in problems for i in rows])
-                    features = self._forward(pixels)
+                    out = into(rows) if into is not None and not problems else None
+                    features = self._forward(pixels, out)
                     if keep.all():
                         yield rows, features
                     elif keep.any():
@@ -385,8 +398,11 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
         return generate(), input_size, len(images), failed
 
-    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Features (B, h, w, d) on ``device_`` of pixels (B, C, H, W) in [0, 1]."""
+    def _forward(self, pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Features (B, h, w, d) on ``device_`` of pixels (B, C, H, W) in [0, 1].
+
+        ``out``: a contiguous (B, h, w, d) tensor on ``device_`` to write them into.
+        """
         with torch.inference_mode(), cuda_precision(self.allow_tf32):
             pixels = pixels.to(self.device_, non_blocking=True)
             if pixels.shape[1] == 1:
@@ -395,7 +411,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
             # fused features then come out already in (B, h, w, d) order.
             pixels = pixels.contiguous(memory_format=torch.channels_last)
             stages = self.backbone_(pixels)
-            fused = aggregate(stages, self._stage_maps, self.n_features_out_)
+            fused = aggregate(stages, self._stage_maps, self.n_features_out_, out=out)
             return fused.permute(0, 2, 3, 1)
 
     def __sklearn_tags__(self):

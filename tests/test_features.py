@@ -199,6 +199,31 @@ def test_features_do_not_depend_on_batch_size(lite_features):
     assert relative_error(torch.from_numpy(one), torch.from_numpy(three)) < 1e-5
 
 
+def test_batches_written_in_place_equal_the_streamed_batches(lite_features):
+    """transform() writes each CPU batch after the first straight into its output;
+    the values are those of the batches the streaming path (predict_map) yields."""
+    images = textured_parts(7, size=64, seed=12)
+    lite_features.set_params(batch_size=3)
+    try:
+        features = lite_features.transform(images)
+        batches, _, n_images, _ = lite_features._feature_batches(images)
+        streamed = np.concatenate([batch.numpy() for _, batch in batches])
+    finally:
+        lite_features.set_params(batch_size="auto")
+    assert n_images == 7 and features.tobytes() == streamed.tobytes()
+
+
+def test_aggregate_checks_the_array_it_writes_into():
+    stages = [torch.rand(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)]
+    maps, dim = build_stage_maps([8], "mean", 3, 8, 8)
+    out = torch.empty(2, 6, 6, dim)
+    fused = aggregate(stages, maps, dim, out=out)
+    assert fused.permute(0, 2, 3, 1).data_ptr() == out.data_ptr()
+    assert torch.equal(fused, aggregate(stages, maps, dim))
+    with pytest.raises(ValueError, match="contiguous"):
+        aggregate(stages, maps, dim, out=torch.empty(2, 6, 6, dim + 1))
+
+
 @pytest.mark.parametrize(
     "size, image_size, crop_size",
     [
