@@ -435,15 +435,16 @@ def coreset_table(result: dict) -> str:
         "plain torch s",
         "speed-up",
         "target",
-        "met",
+        "met (numpy / torch)",
         "identical indices",
         "sampler s (projection + loop)",
     ]
     rows = []
     for r in result["ratios"].values():
         mark = " (extrapolated)" if r["plain_extrapolated"] else ""
-        # Against the faster of the two plain loops.
-        slowest_speedup = min(r["speedup_numpy"], r["speedup_torch"])
+        # Met against each plain loop; the target counts as met only against both.
+        target = TARGETS["coreset_speedup"]
+        met = f"{_yes(r['speedup_numpy'] >= target)} / {_yes(r['speedup_torch'] >= target)}"
         same = r["identical_to_plain_numpy"] and r["sampler_matches_loop"]
         torch_note = (
             ""
@@ -459,8 +460,8 @@ def coreset_table(result: dict) -> str:
                 fmt_ratio(r["speedup_numpy"]),
                 fmt(r["plain_torch_s"], 2) + mark,
                 fmt_ratio(r["speedup_torch"]),
-                f">= {TARGETS['coreset_speedup']:g}x",
-                _yes(slowest_speedup >= TARGETS["coreset_speedup"]),
+                f">= {target:g}x",
+                met,
                 _yes(same) + torch_note,
                 fmt(r["sampler_s"], 3),
             ]
