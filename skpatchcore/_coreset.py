@@ -18,12 +18,14 @@ from .utils._device import as_tensor, resolve_device
 from .utils._pickling import VersionedPickleMixin
 from .utils._validation import check_labels, check_patch_features
 
-# Safety margins of the batched bound (see greedy_indices_cpu). SLACK is relative
-# to a point's running distance; GAMMA, relative to (|x| + |y|)^2, covers float32
-# rounding of the bound: a sum of 130 products (<= 130 * 6e-8 * 0.75 = 5.8e-6 of
-# that scale, see _candidates) plus the squared norms (<= 7.7e-6 of it), with room.
+# Smallest safety margins of the batched bound (see _candidates); both grow with
+# the dimension d. SLACK is relative to a point's running distance; GAMMA,
+# relative to (|x| + |y|)^2, covers float32 rounding of the bound, at most
+# 1.25 (d + 2) u (1 + gamma) of that scale (u = 2^-24): gamma is
+# max(_GAMMA, 4 (d + 2) u), which for d = 128 leaves 2.6 times that.
 _SLACK = 1e-4
 _GAMMA = 5e-5
+_UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
 # The farthest _BATCH_WIDTH points form a batch, out of which the next picks are
 # found; bound rows are made for _BLOCK_ROWS picks at a time against _CHUNK_POINTS
 # points at a time, so the product buffer stays at 64 x 65536 floats.
@@ -168,13 +170,15 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         # product adds the cross term of the margin gamma * (|x| + |y|)^2 and
         # subtracts each point's offset for free. It reads the rows transposed (a
         # view: BLAS takes either layout), so no transposed copy is made.
+        gamma = max(_GAMMA, 4 * (n_dims + 2) * _UNIT_ROUNDOFF)
+        slack = max(_SLACK, 2 * (n_dims + 2) * _UNIT_ROUNDOFF)
         augmented = empty_buffer((n_points, n_dims + 2))
         mean = points.mean(axis=0, dtype=np.float64).astype(np.float32)
         np.subtract(points, mean, out=augmented[:, :n_dims])
         centered = augmented[:, :n_dims]
         sq_norms = np.einsum("ij,ij->i", centered, centered)
-        augmented[:, n_dims] = np.sqrt(_GAMMA * sq_norms)
-        half_center = 0.5 * (1.0 - _GAMMA) * sq_norms
+        augmented[:, n_dims] = np.sqrt(gamma * sq_norms)
+        half_center = 0.5 * (1.0 - gamma) * sq_norms
         work = empty_buffer((_BLOCK_ROWS, min(_CHUNK_POINTS, n_points)), populate=False)  # partly used
         selected = np.empty(n_select, dtype=np.int64)
         count = 0
@@ -184,7 +188,7 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
             # Point i is a candidate for centre s when  <a_i, a_s> - half_point_i > half_center_s,
             # i.e. when |x_i - x_s|^2 minus the margin is below (m_i (1 + slack))^2; the last
             # column holds -half_point, so the product subtracts it.
-            augmented[:, n_dims + 1] = np.square(min_dist * (1.0 + _SLACK)) - (1.0 - _GAMMA) * sq_norms
+            augmented[:, n_dims + 1] = np.square(min_dist * (1.0 + slack)) - (1.0 - gamma) * sq_norms
             augmented[:, n_dims + 1] *= 0.5
             for start in range(0, len(chosen), _BLOCK_ROWS):
                 rows = chosen[start : start + _BLOCK_ROWS]
@@ -207,14 +211,19 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
 def _candidates(rows, augmented, half_center, work, pool=None) -> list[np.ndarray | None]:
     """For each centre in ``rows``: the points its bound cannot rule out, as sorted indices.
 
-    ``augmented`` rows are [x_i - mean, sqrt(gamma) |x_i - mean|, -half_point_i];
-    the centres' rows take 1 in the last column, so one product gives
-    <a_i, a_s> - half_point_i, to compare with half_center_s. In exact
-    arithmetic that is half of  m'_i^2 - |x_i - x_s|^2 + gamma (|x_i| + |x_s|)^2
-    (norms about the mean). Its float32 error, whatever the summation order, is
-    at most 130 u times the sum of the terms' sizes, which is below
-    0.75 (1 + gamma) (|x_i| + |x_s|)^2 + 0.5 m'_i^2: the margins gamma and SLACK
-    cover it, so every point whose exact distance can fall below m_i is listed.
+    ``augmented`` rows are [x_i - mean, sqrt(gamma) |x_i - mean|, -half_point_i]
+    with half_point_i = ((1 - gamma) |x_i|^2 - m'_i^2) / 2, m'_i = m_i (1 + slack),
+    and half_center_s = (1 - gamma) |x_s|^2 / 2 (norms about the mean). The
+    centres' rows take 1 in the last column, so one product gives
+    <a_i, a_s> - half_point_i, to compare with half_center_s; in exact
+    arithmetic the difference is half of
+    m'_i^2 - |x_i - x_s|^2 + gamma (|x_i| + |x_s|)^2. Rounding: the product of
+    d + 2 terms is off by at most (d + 2) u times the sum of the terms' sizes,
+    itself below 0.75 (1 + gamma) (|x_i| + |x_s|)^2 + m'_i^2 / 2, and each
+    float32 squared norm by d u times itself; gamma covers the parts in the
+    norms (and the centring's rounding, ~u of them), slack the part in m'_i
+    and the exact distance's own rounding. So
+    every point whose exact float32 distance can fall below m_i is listed.
     None stands for "too many to list" (over ``_DENSE_FRACTION`` of the
     points): the caller then checks every point. ``work`` holds the products.
     """

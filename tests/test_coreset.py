@@ -60,13 +60,14 @@ def test_narrow_batches_and_small_blocks_give_the_same_indices(monkeypatch, widt
             )
 
 
-@pytest.mark.parametrize("offset", [1e3, 1e4])
-def test_far_apart_clusters_need_and_get_the_rounding_margin(offset):
+@pytest.mark.parametrize("offset, dims", [(1e3, 16), (1e4, 16), (1e4, 1024)])
+def test_far_apart_clusters_need_and_get_the_rounding_margin(offset, dims):
     """Two tight clusters far from their common mean: the bound's float32 rounding is
-    large next to the distances inside a cluster, and without the margin (_GAMMA = 0)
-    points that do get closer are missed and the indices change."""
+    large next to the distances inside a cluster, and without the margin (gamma = 0)
+    points that do get closer are missed and the indices change (seen at 16 dims).
+    The margin grows with the dimension (1024: unprojected wide_resnet50_2 features)."""
     rng = np.random.default_rng(0)
-    noise = rng.normal(size=(3000, 16))
+    noise = rng.normal(size=(3000, dims))
     points = (noise + np.where(np.arange(3000) < 1500, offset, -offset)[:, None]).astype(np.float32)
     starts = rng.choice(len(points), 10, replace=False)
     fast = greedy_indices_cpu(points, 300, starts)
