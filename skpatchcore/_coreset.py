@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from numbers import Integral, Real
 
@@ -172,10 +173,25 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         # view: BLAS takes either layout), so no transposed copy is made.
         gamma = max(_GAMMA, 4 * (n_dims + 2) * _UNIT_ROUNDOFF)
         slack = max(_SLACK, 2 * (n_dims + 2) * _UNIT_ROUNDOFF)
+        tiny = float(np.finfo(np.float32).smallest_subnormal)
         augmented = empty_buffer((n_points, n_dims + 2))
         mean = points.mean(axis=0, dtype=np.float64).astype(np.float32)
         np.subtract(points, mean, out=augmented[:, :n_dims])
         centered = augmented[:, :n_dims]
+        # Scaled by a power of two (exactly) so the largest coordinate is in [0.5, 1):
+        # squares can neither overflow nor, for all but far-out data, fall to
+        # subnormals, as the rounding bound needs. Where that is impossible
+        # (values near float32's limits) the plain loop runs instead.
+        largest = max(float(centered.max()), -float(centered.min())) if n_points else 0.0
+        if not (np.isfinite(largest) and np.isfinite(min_dist).all()):
+            return _plain_indices(points, min_dist, n_select, pool, progress)
+        scale = 2.0 ** -math.frexp(largest)[1] if largest > 0 else 1.0
+        centered *= np.float32(scale)
+        # Absolute floors, where rounding errors are absolute rather than relative:
+        # products of the bound that fall to subnormals, and the exact distances'
+        # own squares where the raw differences are that small (only for data of
+        # about 1e-19 and below; in scaled units, where it then dominates).
+        floor = 4 * (n_dims + 2) * tiny + min(1e30, (n_dims + 1) * tiny * scale * scale)
         sq_norms = np.einsum("ij,ij->i", centered, centered)
         augmented[:, n_dims] = np.sqrt(gamma * sq_norms)
         half_center = 0.5 * (1.0 - gamma) * sq_norms
@@ -188,8 +204,10 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
             # Point i is a candidate for centre s when  <a_i, a_s> - half_point_i > half_center_s,
             # i.e. when |x_i - x_s|^2 minus the margin is below (m_i (1 + slack))^2; the last
             # column holds -half_point, so the product subtracts it.
-            augmented[:, n_dims + 1] = np.square(min_dist * (1.0 + slack)) - (1.0 - gamma) * sq_norms
+            scaled = min_dist * np.float32(scale)  # exact: a power of two
+            augmented[:, n_dims + 1] = np.square(scaled * (1.0 + slack)) - (1.0 - gamma) * sq_norms
             augmented[:, n_dims + 1] *= 0.5
+            augmented[:, n_dims + 1] += floor
             for start in range(0, len(chosen), _BLOCK_ROWS):
                 rows = chosen[start : start + _BLOCK_ROWS]
                 found = _candidates(rows, augmented, half_center, work, pool)
@@ -208,12 +226,45 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
     return selected
 
 
+def _torch_products_are_float32() -> bool:
+    """Whether torch's CPU float32 matrix products run in full float32 now."""
+    try:
+        levels = [
+            getattr(torch.backends, "fp32_precision", "none"),
+            getattr(torch.backends.mkldnn, "fp32_precision", "none"),
+            getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none"),
+        ]
+        return all(level in ("none", "ieee") for level in levels) and (
+            torch.get_float32_matmul_precision() == "highest"
+        )
+    except (RuntimeError, AttributeError):  # e.g. the legacy and new settings mixed
+        return False
+
+
+def _torch_product(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> None:
+    torch.mm(torch.from_numpy(left), torch.from_numpy(right), out=torch.from_numpy(out))
+
+
+def _plain_indices(points, min_dist, n_select, pool, progress) -> np.ndarray:
+    """The plain loop itself: one exact pass over all points per selected point."""
+    selected = np.empty(n_select, dtype=np.int64)
+    for step in range(n_select):
+        chosen = int(np.argmax(min_dist))
+        selected[step] = chosen
+        np.minimum(min_dist, _distances_to(points, None, points[chosen], pool), out=min_dist)
+        if progress is not None:
+            progress.update(1)
+    return selected
+
+
 def _candidates(rows, augmented, half_center, work, pool=None) -> list[np.ndarray | None]:
     """For each centre in ``rows``: the points its bound cannot rule out, as sorted indices.
 
-    ``augmented`` rows are [x_i - mean, sqrt(gamma) |x_i - mean|, -half_point_i]
-    with half_point_i = ((1 - gamma) |x_i|^2 - m'_i^2) / 2, m'_i = m_i (1 + slack),
-    and half_center_s = (1 - gamma) |x_s|^2 / 2 (norms about the mean). The
+    ``augmented`` rows are [x_i, sqrt(gamma) |x_i|, -half_point_i], where x_i is
+    point i minus the mean, times the power of two that brings the largest
+    coordinate into [0.5, 1) (m_i is scaled alike), with
+    half_point_i = ((1 - gamma) |x_i|^2 - m'_i^2) / 2 - floor,
+    m'_i = m_i (1 + slack), and half_center_s = (1 - gamma) |x_s|^2 / 2. The
     centres' rows take 1 in the last column, so one product gives
     <a_i, a_s> - half_point_i, to compare with half_center_s; in exact
     arithmetic the difference is half of
@@ -222,19 +273,23 @@ def _candidates(rows, augmented, half_center, work, pool=None) -> list[np.ndarra
     itself below 0.75 (1 + gamma) (|x_i| + |x_s|)^2 + m'_i^2 / 2, and each
     float32 squared norm by d u times itself; gamma covers the parts in the
     norms (and the centring's rounding, ~u of them), slack the part in m'_i
-    and the exact distance's own rounding. So
-    every point whose exact float32 distance can fall below m_i is listed.
+    and the exact distance's own rounding, and ``floor`` the absolute errors of
+    products (and of the plain loop's own squares) that fall to subnormal
+    numbers. So every point whose exact float32
+    distance can fall below m_i is listed.
     None stands for "too many to list" (over ``_DENSE_FRACTION`` of the
     points): the caller then checks every point. ``work`` holds the products.
     """
-    # The product in torch (MKL, every core) into the reused ``work`` buffer; the
-    # comparison and listing in NumPy, half of the rows per thread (torch's
-    # comparison and nonzero took twice as long on these shapes).
+    # The product in torch (MKL, every core) into the reused ``work`` buffer,
+    # unless torch may run float32 products in bfloat16 or TF32 (after
+    # torch.set_float32_matmul_precision("medium"), say), far outside these
+    # margins: then in NumPy (float32 BLAS; ~15% slower in this loop). The
+    # comparison and listing run half of the rows per thread.
+    product = _torch_product if _torch_products_are_float32() else np.matmul
     n_points = len(augmented)
     index_dtype = np.int32 if n_points < 2**31 else np.int64
     dense_limit = int(_DENSE_FRACTION * n_points)
-    points_t = torch.from_numpy(augmented)
-    left = points_t[torch.from_numpy(rows)]
+    left = augmented[rows]  # a copy
     left[:, -1] = 1.0
     thresholds = half_center[rows][:, None]
     found: list[list[np.ndarray] | None] = [[] for _ in rows]
@@ -242,10 +297,10 @@ def _candidates(rows, augmented, half_center, work, pool=None) -> list[np.ndarra
     n_parts = 1 if pool is None or len(rows) < 2 else 2
     parts = np.array_split(np.arange(len(rows)), n_parts)
     for start in range(0, n_points, _CHUNK_POINTS):
-        chunk = points_t[start : start + _CHUNK_POINTS]
+        chunk = augmented[start : start + _CHUNK_POINTS]
         width = len(chunk)
         bounds = work.reshape(-1)[: len(rows) * width].reshape(len(rows), width)
-        torch.mm(left, chunk.T, out=torch.from_numpy(bounds))
+        product(left, chunk.T, out=bounds)
 
         def hits(part, bounds=bounds, width=width, start=start):
             flat = np.flatnonzero(bounds[part[0] : part[-1] + 1] > thresholds[part[0] : part[-1] + 1])

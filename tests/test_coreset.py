@@ -74,6 +74,51 @@ def test_far_apart_clusters_need_and_get_the_rounding_margin(offset, dims):
     np.testing.assert_array_equal(fast, greedy_coreset(points, 300, starts))
 
 
+def test_torch_float32_matmul_precision_setting_changes_nothing():
+    """A global torch.set_float32_matmul_precision("medium") (bfloat16 products on CPUs
+    that have them) must not reach the bound's product: the indices stay the plain loop's."""
+    from skpatchcore import _coreset
+
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(3000, 64)).astype(np.float32)
+    starts = rng.choice(len(points), 10, replace=False)
+    assert _coreset._torch_products_are_float32()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert not _coreset._torch_products_are_float32()  # so NumPy's product is used
+        fast = greedy_indices_cpu(points, 300, starts)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    np.testing.assert_array_equal(fast, greedy_coreset(points, 300, starts))
+
+
+def _one_far_point(scale):
+    points = np.random.default_rng(4).normal(size=(2000, 16)).astype(np.float32)
+    points[5, 0] = scale
+    return points
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        _one_far_point(3e19),  # squares of raw values would overflow float32
+        np.concatenate([np.full((500, 8), 2e19), np.full((500, 8), -2e19)]).astype(np.float32)
+        + np.random.default_rng(5).normal(size=(1000, 8)).astype(np.float32) * 1e15,
+        (np.random.default_rng(6).normal(size=(2000, 16)) * 1e-22).astype(np.float32),  # subnormal squares
+        np.full((300, 4), 3e38, dtype=np.float32),  # differences overflow: the plain loop runs
+    ],
+    ids=["one-far-point", "far-clusters", "tiny", "near-float-max"],
+)
+def test_extreme_magnitudes_give_the_plain_loops_indices(points):
+    starts = np.random.default_rng(7).choice(len(points), 10, replace=False)
+    n_select = len(points) // 10
+    with np.errstate(over="ignore", invalid="ignore"):
+        fast = greedy_indices_cpu(points, n_select, starts)
+        plain = greedy_coreset(points, n_select, starts)
+    np.testing.assert_array_equal(fast, plain)
+
+
 def test_blocked_distances_are_bit_identical_to_one_pass(monkeypatch):
     """Rows split into blocks over threads give the same bits as one pass."""
     from concurrent.futures import ThreadPoolExecutor

@@ -199,13 +199,24 @@ def test_features_do_not_depend_on_batch_size(lite_features):
     assert relative_error(torch.from_numpy(one), torch.from_numpy(three)) < 1e-5
 
 
-def test_batches_written_in_place_equal_the_streamed_batches(lite_features):
+def test_batches_written_in_place_equal_the_streamed_batches(lite_features, monkeypatch):
     """transform() writes each CPU batch after the first straight into its output;
     the values are those of the batches the streaming path (predict_map) yields."""
+    from skpatchcore import _features
+
+    written_into = []
+    real = _features.aggregate
+
+    def spy(*args, out=None):
+        written_into.append(out is not None)
+        return real(*args, out=out)
+
+    monkeypatch.setattr(_features, "aggregate", spy)
     images = textured_parts(7, size=64, seed=12)
     lite_features.set_params(batch_size=3)
     try:
         features = lite_features.transform(images)
+        assert written_into == [False, True, True]  # batches of 3, 3 and 1
         batches, _, n_images, _ = lite_features._feature_batches(images)
         streamed = np.concatenate([batch.numpy() for _, batch in batches])
     finally:
