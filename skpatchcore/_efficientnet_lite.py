@@ -42,6 +42,11 @@ LITE_STAGE_DEPTHS = {
 }
 
 
+# Fused-versus-plain verdicts by convolution configuration (see Conv2d): repeated
+# blocks of a network, and every copy of a model, share them in this process.
+_SHARED_VERDICTS: dict[tuple, bool] = {}
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` that can take over the ReLU6 that follows it.
 
@@ -56,7 +61,10 @@ class Conv2d(nn.Conv2d):
     convolution through oneDNN (e.g. 1x1 convolutions of one small image), and
     then its result can differ by float rounding. So the first call for each
     input shape (and thread count) runs both and compares them; only a shape
-    whose results agree runs fused from then on.
+    whose results agree runs fused from then on. Which algorithm oneDNN picks
+    depends on the call's shapes, not on the weights' values, so a verdict
+    also holds for every convolution of the same configuration: repeated
+    blocks and other copies of the network (clones, loaded models) reuse it.
     """
 
     relu6 = False
@@ -75,13 +83,23 @@ class Conv2d(nn.Conv2d):
             key = (tuple(x.shape), tuple(padding), torch.get_num_threads())
             verdicts = self.__dict__.setdefault("_fused_verdicts", {})
             verdict = verdicts.get(key)
+            if verdict is None:  # known from a convolution of the same configuration?
+                verdict = _SHARED_VERDICTS.get(self._configuration(key))
+                if verdict is not None:
+                    verdicts[key] = verdict
             if verdict:
                 return self._fused(x, padding)
             if verdict is None:
                 plain = self._plain(x, padding)
                 verdicts[key] = torch.equal(self._fused(x, padding), plain)
+                _SHARED_VERDICTS[self._configuration(key)] = verdicts[key]
                 return plain
         return self._plain(x, padding)
+
+    def _configuration(self, key) -> tuple:
+        """What oneDNN's choice of algorithm depends on: the call, not the weights' values."""
+        layer = (tuple(self.weight.shape), self.stride, self.dilation, self.groups, self.bias is not None)
+        return (*key, *layer)
 
     def _plain(self, x: torch.Tensor, padding) -> torch.Tensor:
         out = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)

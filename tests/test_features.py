@@ -373,12 +373,13 @@ def test_fused_relu6_convolutions_give_the_unfused_bits(monkeypatch, shape):
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN")
     assert lite._fused_relu6_available()
+    monkeypatch.setattr(lite, "_SHARED_VERDICTS", {})  # no verdicts from earlier tests
     extractor = build_backbone("efficientnet_lite0")
     convs = [m for m in extractor.modules() if getattr(m, "relu6", False)]
     assert len(convs) == 22  # stem + every expansion and depthwise convolution up to blocks.4
     assert not any(isinstance(m, torch.nn.ReLU6) for m in extractor.modules())
     fused_calls = []
-    real_fused = lite.Conv2d._fused
+    real_fused, real_usable = lite.Conv2d._fused, lite._fused_relu6_usable
     monkeypatch.setattr(lite.Conv2d, "_fused", lambda self, *a: fused_calls.append(1) or real_fused(self, *a))
     x = torch.rand(*shape).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -391,6 +392,15 @@ def test_fused_relu6_convolutions_give_the_unfused_bits(monkeypatch, shape):
         unfused = extractor(x)  # the same modules: convolution, then hardtanh_
     for a, b, c in zip(fused, unfused, first):
         assert torch.equal(a, b) and torch.equal(b, c)
+    # A second copy of the network reuses the verdicts: it runs fused from its first call.
+    monkeypatch.setattr(lite, "_fused_relu6_usable", real_usable)
+    second = build_backbone("efficientnet_lite0")
+    fused_calls.clear()
+    with torch.inference_mode():
+        again = second(x)
+    assert len(fused_calls) == len(convs)
+    for a, b in zip(again, first):
+        assert torch.equal(a, b)
 
 
 def test_fusion_falls_back_where_torch_would_not_use_onednn(monkeypatch):
@@ -399,6 +409,7 @@ def test_fusion_falls_back_where_torch_would_not_use_onednn(monkeypatch):
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(lite, "_SHARED_VERDICTS", {})  # no verdicts from earlier tests
     torch.manual_seed(3)
     conv = lite.Conv2d(16, 96, 1, bias=True).requires_grad_(False)
     conv.relu6 = True
