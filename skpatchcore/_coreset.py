@@ -181,9 +181,10 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         # Scaled by a power of two (exactly) so the largest coordinate is in [0.5, 1):
         # squares can neither overflow nor, for all but far-out data, fall to
         # subnormals, as the rounding bound needs. Where that is impossible
-        # (values near float32's limits) the plain loop runs instead.
+        # (differences that overflow, or all of them below 2^-100, where even
+        # the plain loop's squares are mostly rounding) the plain loop runs.
         largest = max(float(centered.max()), -float(centered.min())) if n_points else 0.0
-        if not (np.isfinite(largest) and np.isfinite(min_dist).all()):
+        if not (np.isfinite(largest) and np.isfinite(min_dist).all()) or 0.0 < largest < 2.0**-100:
             return _plain_indices(points, min_dist, n_select, pool, progress)
         scale = 2.0 ** -math.frexp(largest)[1] if largest > 0 else 1.0
         centered *= np.float32(scale)
@@ -275,8 +276,8 @@ def _candidates(rows, augmented, half_center, work, pool=None) -> list[np.ndarra
     norms (and the centring's rounding, ~u of them), slack the part in m'_i
     and the exact distance's own rounding, and ``floor`` the absolute errors of
     products (and of the plain loop's own squares) that fall to subnormal
-    numbers. So every point whose exact float32
-    distance can fall below m_i is listed.
+    numbers. So every point whose exact float32 distance can fall below m_i
+    is listed.
     None stands for "too many to list" (over ``_DENSE_FRACTION`` of the
     points): the caller then checks every point. ``work`` holds the products.
     """

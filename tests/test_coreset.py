@@ -107,8 +107,9 @@ def _one_far_point(scale):
         + np.random.default_rng(5).normal(size=(1000, 8)).astype(np.float32) * 1e15,
         (np.random.default_rng(6).normal(size=(2000, 16)) * 1e-22).astype(np.float32),  # subnormal squares
         np.full((300, 4), 3e38, dtype=np.float32),  # differences overflow: the plain loop runs
+        (np.random.default_rng(8).normal(size=(500, 8)) * 1e-33).astype(np.float32),  # plain loop too
     ],
-    ids=["one-far-point", "far-clusters", "tiny", "near-float-max"],
+    ids=["one-far-point", "far-clusters", "tiny", "near-float-max", "below-2^-100"],
 )
 def test_extreme_magnitudes_give_the_plain_loops_indices(points):
     starts = np.random.default_rng(7).choice(len(points), 10, replace=False)
