@@ -43,7 +43,8 @@ LITE_STAGE_DEPTHS = {
 
 
 # Fused-versus-plain verdicts by convolution configuration (see Conv2d): repeated
-# blocks of a network, and every copy of a model, share them in this process.
+# blocks of a network, and every copy of a model, share them in this process
+# (they hold for this machine and this torch only, so they are never pickled).
 _SHARED_VERDICTS: dict[tuple, bool] = {}
 
 
@@ -69,30 +70,18 @@ class Conv2d(nn.Conv2d):
 
     relu6 = False
 
-    def __getstate__(self):
-        # The verdicts hold for this machine and this torch only.
-        state = super().__getstate__()
-        state.pop("_fused_verdicts", None)
-        return state
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv(x, self.padding)
 
     def _conv(self, x: torch.Tensor, padding) -> torch.Tensor:
         if self.relu6 and _fused_relu6_usable(x, self.weight):
-            key = (tuple(x.shape), tuple(padding), torch.get_num_threads())
-            verdicts = self.__dict__.setdefault("_fused_verdicts", {})
-            verdict = verdicts.get(key)
-            if verdict is None:  # known from a convolution of the same configuration?
-                verdict = _SHARED_VERDICTS.get(self._configuration(key))
-                if verdict is not None:
-                    verdicts[key] = verdict
+            configuration = self._configuration((tuple(x.shape), tuple(padding), torch.get_num_threads()))
+            verdict = _SHARED_VERDICTS.get(configuration)
             if verdict:
                 return self._fused(x, padding)
             if verdict is None:
                 plain = self._plain(x, padding)
-                verdicts[key] = torch.equal(self._fused(x, padding), plain)
-                _SHARED_VERDICTS[self._configuration(key)] = verdicts[key]
+                _SHARED_VERDICTS[configuration] = torch.equal(self._fused(x, padding), plain)
                 return plain
         return self._plain(x, padding)
 

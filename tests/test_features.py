@@ -384,7 +384,7 @@ def test_fused_relu6_convolutions_give_the_unfused_bits(monkeypatch, shape):
     x = torch.rand(*shape).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         first = extractor(x)  # each convolution checks fused against plain once for this shape
-        assert all(list(conv._fused_verdicts.values()) == [True] for conv in convs)
+        assert lite._SHARED_VERDICTS and all(v is True for v in lite._SHARED_VERDICTS.values())
         fused_calls.clear()
         fused = extractor(x)
         assert len(fused_calls) == len(convs)  # now every one runs fused
@@ -422,7 +422,7 @@ def test_fusion_falls_back_where_torch_would_not_use_onednn(monkeypatch):
             x = torch.randn(*size).contiguous(memory_format=torch.channels_last)
             for _ in range(2):  # the checking call, then the decided one
                 assert torch.equal(conv(x), expected(x))
-        assert len(conv._fused_verdicts) == 3
+        assert len(lite._SHARED_VERDICTS) == 3  # one per input shape
         # A fused result off by one rounding step is caught on the first call and never used.
         real_fused, fused_calls = lite.Conv2d._fused, []
 
@@ -436,7 +436,8 @@ def test_fusion_falls_back_where_torch_would_not_use_onednn(monkeypatch):
             assert torch.equal(conv(x), expected(x))
         assert (
             fused_calls == [1]
-            and conv._fused_verdicts[(tuple(x.shape), (0, 0), torch.get_num_threads())] is False
+            and lite._SHARED_VERDICTS[conv._configuration((tuple(x.shape), (0, 0), torch.get_num_threads()))]
+            is False
         )
         assert lite._fused_relu6_usable(x, conv.weight)
         enabled = torch.backends.mkldnn.enabled
