@@ -15,7 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from .utils._buffers import empty_buffer
-from .utils._device import as_tensor, resolve_device
+from .utils._device import as_tensor, cpu_products_are_float32, float32_precision, resolve_device
 from .utils._pickling import VersionedPickleMixin
 from .utils._validation import check_labels, check_patch_features
 
@@ -227,21 +227,6 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
     return selected
 
 
-def _torch_products_are_float32() -> bool:
-    """Whether torch's CPU float32 matrix products run in full float32 now."""
-    try:
-        levels = [
-            getattr(torch.backends, "fp32_precision", "none"),
-            getattr(torch.backends.mkldnn, "fp32_precision", "none"),
-            getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none"),
-        ]
-        return all(level in ("none", "ieee") for level in levels) and (
-            torch.get_float32_matmul_precision() == "highest"
-        )
-    except (RuntimeError, AttributeError):  # e.g. the legacy and new settings mixed
-        return False
-
-
 def _torch_product(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> None:
     torch.mm(torch.from_numpy(left), torch.from_numpy(right), out=torch.from_numpy(out))
 
@@ -286,7 +271,7 @@ def _candidates(rows, augmented, half_center, work, pool=None) -> list[np.ndarra
     # torch.set_float32_matmul_precision("medium"), say), far outside these
     # margins: then in NumPy (float32 BLAS; ~15% slower in this loop). The
     # comparison and listing run half of the rows per thread.
-    product = _torch_product if _torch_products_are_float32() else np.matmul
+    product = _torch_product if cpu_products_are_float32() else np.matmul
     n_points = len(augmented)
     index_dtype = np.int32 if n_points < 2**31 else np.int64
     dense_limit = int(_DENSE_FRACTION * n_points)
@@ -619,7 +604,7 @@ def _greedy(vectors, n_select, projection_dim, n_starts, rng, device, progress) 
         else:
             points = np.ascontiguousarray(vectors)
         return greedy_indices_cpu(points, n_select, starts, progress)
-    with torch.inference_mode():
+    with torch.inference_mode(), float32_precision():  # no TF32: the CPU's selection
         points = as_tensor(np.ascontiguousarray(vectors)).to(device)
         if projection is not None:
             points = points @ torch.from_numpy(projection).to(device)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ._aggregation import AGGREGATIONS, aggregate, build_stage_maps
 from ._backbones import BackboneError, build_backbone, fingerprint
 from .utils._buffers import empty_buffer
-from .utils._device import cuda_precision, device_after_load, resolve_device
+from .utils._device import device_after_load, float32_precision, resolve_device
 from .utils._images import (
     LEGACY_RESIZE_SIDE,
     RESIZE_SIDES,
@@ -97,7 +97,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     allow_tf32 : bool, default=False
         On CUDA, let convolutions use TensorFloat-32. About three times faster
         on recent GPUs, but the features then differ from the CPU's by ~4e-3
-        (relative); the default computes in true float32.
+        (relative); the default computes in true float32. The CPU always
+        computes in float32, whatever torch's global precision settings.
     verbose : int, default=0
         Show a progress bar when > 0.
 
@@ -403,7 +404,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
 
         ``out``: a contiguous (B, h, w, d) tensor on ``device_`` to write them into.
         """
-        with torch.inference_mode(), cuda_precision(self.allow_tf32):
+        with torch.inference_mode(), float32_precision(self.allow_tf32):
             pixels = pixels.to(self.device_, non_blocking=True)
             if pixels.shape[1] == 1:
                 pixels = pixels.expand(-1, 3, -1, -1)

@@ -17,7 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .utils._device import as_tensor
+from .utils._device import as_tensor, float32_precision
 
 UPSAMPLING_MODES = ("bilinear", "nearest")
 
@@ -93,7 +93,7 @@ def anomaly_maps(
     rows = _axis_operator(scores.shape[-2], height, float(sigma), upsampling, device)
     cols_t = _axis_operator(scores.shape[-1], width, float(sigma), upsampling, device).T.contiguous()
     parts = []
-    with torch.inference_mode():
+    with torch.inference_mode(), float32_precision():
         for chunk in scores.split(_MAP_CHUNK):
             parts.append(rows @ chunk @ cols_t)
     maps = torch.cat(parts)

@@ -34,7 +34,7 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from .utils._device import cuda_precision
+from .utils._device import float32_precision
 
 # Queries per torch search step on CUDA: bounds the (queries x bank) distance block.
 _TORCH_QUERY_CHUNK = 8192
@@ -244,7 +244,7 @@ class NearestNeighborIndex:
             return torch.from_numpy(np.maximum(squared, 0.0, out=squared)), torch.from_numpy(indices)
         queries = queries.to(self.device, dtype=torch.float32)
         squared, indices = [], []
-        with torch.inference_mode(), cuda_precision(self.allow_tf32):
+        with torch.inference_mode(), float32_precision(self.allow_tf32):
             for block in queries.split(_TORCH_QUERY_CHUNK):
                 dist = torch.einsum("ij,ij->i", block, block)[:, None] + self._torch_norms[None, :]
                 dist.addmm_(block, self._torch_bank.T, alpha=-2.0)

@@ -77,19 +77,24 @@ def test_far_apart_clusters_need_and_get_the_rounding_margin(offset, dims):
 def test_torch_float32_matmul_precision_setting_changes_nothing():
     """A global torch.set_float32_matmul_precision("medium") (bfloat16 products on CPUs
     that have them) must not reach the bound's product: the indices stay the plain loop's."""
-    from skpatchcore import _coreset
+    from skpatchcore.utils._device import cpu_products_are_float32
 
     rng = np.random.default_rng(3)
     points = rng.normal(size=(3000, 64)).astype(np.float32)
     starts = rng.choice(len(points), 10, replace=False)
-    assert _coreset._torch_products_are_float32()
+    assert cpu_products_are_float32()
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
-        assert not _coreset._torch_products_are_float32()  # so NumPy's product is used
+        assert not cpu_products_are_float32()  # so NumPy's product is used
         fast = greedy_indices_cpu(points, 300, starts)
+        if hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
+            # The most specific setting decides: oneDNN's matmul back to float32.
+            torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+            assert cpu_products_are_float32()
     finally:
         torch.set_float32_matmul_precision(before)
+    assert cpu_products_are_float32()
     np.testing.assert_array_equal(fast, greedy_coreset(points, 300, starts))
 
 

@@ -198,3 +198,91 @@ def test_cuda_gives_the_cpu_scores_and_maps(good_parts, defective_parts):
     cuda_maps, cuda_scores = cuda.predict_map(images, return_scores=True)
     np.testing.assert_allclose(cuda_scores, cpu_scores, rtol=1e-4)
     assert np.abs(cuda_maps - cpu_maps).max() <= 1e-4 * np.abs(cpu_maps).max()
+
+
+def _bfloat16_settings():
+    """Ways a process can let torch's float32 CPU products run in bfloat16."""
+    settings = [("legacy medium", lambda: torch.set_float32_matmul_precision("medium"))]
+    if hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
+        settings.append(("generic bf16", lambda: setattr(torch.backends, "fp32_precision", "bf16")))
+        settings.append(
+            ("oneDNN matmul bf16", lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"))
+        )
+    return settings
+
+
+def _precision_state():
+    flags = [torch.backends, torch.backends.mkldnn]
+    flags += [getattr(torch.backends.mkldnn, name, None) for name in ("matmul", "conv")]
+    state = [getattr(flag, "fp32_precision", None) for flag in flags if flag is not None]
+    return flags, state
+
+
+@pytest.mark.parametrize("setting", _bfloat16_settings(), ids=lambda s: s[0])
+def test_bfloat16_set_elsewhere_in_the_process_changes_no_result(setting, good_parts, defective_parts):
+    """A process-wide bfloat16 setting (made for some other model) must not reach our CPU
+    products: fitted again, the model gives bit-identical scores and maps, and the user's
+    setting is still in place afterwards."""
+    images = defective_parts[0][:3]
+    expected_maps, expected_scores = (
+        make_patchcore(ratio=0.25, random_state=0, **SMALL)
+        .fit(good_parts)
+        .predict_map(images, return_scores=True)
+    )
+    a = torch.from_numpy(np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32))
+
+    def probe():  # a product and a convolution, as torch runs them now
+        return a @ a, torch.nn.functional.conv2d(a[None, None], a[None, None, :5, :5])
+
+    exact = probe()
+    flags, before = _precision_state()
+    legacy = torch.get_float32_matmul_precision()
+    try:
+        setting[1]()
+        _, chosen = _precision_state()
+        if all(torch.equal(now, then) for now, then in zip(probe(), exact)):
+            pytest.skip("this CPU runs float32 products in float32 whatever the setting")
+        model = make_patchcore(ratio=0.25, random_state=0, **SMALL).fit(good_parts)
+        maps, scores = model.predict_map(images, return_scores=True)
+        assert _precision_state()[1] == chosen  # the user's setting, untouched
+        assert not all(torch.equal(now, then) for now, then in zip(probe(), exact))
+    finally:
+        for flag, value in zip((f for f in flags if f is not None), before):
+            if value is not None:
+                flag.fp32_precision = value
+        torch.set_float32_matmul_precision(legacy)
+    np.testing.assert_array_equal(scores, expected_scores)
+    np.testing.assert_array_equal(maps, expected_maps)
+
+
+def test_float32_pin_holds_while_any_thread_is_inside_and_then_restores():
+    """Threads compute side by side inside float32_precision: the first one in sets float32,
+    the last one out restores the user's setting (not the first one out)."""
+    import threading
+
+    from skpatchcore.utils._device import cpu_products_are_float32, float32_precision
+
+    legacy = torch.get_float32_matmul_precision()
+    inside, leave_first, first_left = threading.Barrier(2), threading.Event(), threading.Event()
+    seen = {}
+
+    def worker(name, wait_for):
+        with float32_precision():
+            inside.wait()
+            wait_for.wait()
+            seen[name] = cpu_products_are_float32()
+        if name == "first":
+            first_left.set()
+
+    torch.set_float32_matmul_precision("medium")
+    try:
+        first = threading.Thread(target=worker, args=("first", leave_first))
+        second = threading.Thread(target=worker, args=("second", first_left))
+        first.start(), second.start()
+        leave_first.set()
+        first.join(), second.join()
+        assert seen == {"first": True, "second": True}  # still float32 after the first left
+        assert not cpu_products_are_float32()  # the user's "medium" is back
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(legacy)
