@@ -33,8 +33,13 @@ _UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
 _BATCH_WIDTH = 512
 _BLOCK_ROWS = 64
 _CHUNK_POINTS = 65536
-# Exact distances are computed in blocks of this many rows, one block per thread.
+# Exact distances are computed in blocks of this many rows, one block per thread;
+# the candidates' in cache-sized pieces of _LISTED_BLOCK rows, on one thread
+# unless there are more than _LISTED_PER_TASK (threads made the gathered reads of
+# a few tens of thousands of rows no faster on 2 cores).
 _ROW_BLOCK = 4096
+_LISTED_BLOCK = 1024
+_LISTED_PER_TASK = 32768
 # A centre whose bound cannot rule out more than this fraction of all points is
 # checked against every point (blocks of rows, nothing gathered) instead of
 # listing them: early on, when running distances are large, such lists of a
@@ -75,6 +80,131 @@ def initial_distances(points: np.ndarray, starts: np.ndarray, pool=None) -> np.n
     return out
 
 
+def _start_distances(points: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """:func:`initial_distances` of ``points[rows]`` alone (each row's value is the same)."""
+    block = points[rows]
+    return np.stack([row_distances(block, points[start]) for start in starts], axis=1).mean(axis=1)
+
+
+class _LazyStart:
+    """Start distances known to an interval until a row's exact value is needed.
+
+    The plain loop starts from every point's mean distance to the start points:
+    ``len(starts)`` exact passes over all points. Most of those values are
+    never looked at exactly: a point's running distance only needs to be exact
+    when it may be among the farthest (the batch and ``tau``), or when a new
+    centre's exact distance falls between the interval's ends. Everywhere else
+    ``hi`` serves (the candidates' bound only needs an upper end) and the
+    point's value is exact from the first distance below ``lo`` on.
+
+    ``lo`` and ``hi`` come from one small matrix product against the start
+    points, with the same float32 error analysis as the candidates' bound
+    (see :meth:`bounds`). ``min_dist`` holds the exact value where ``exact``
+    and ``hi`` elsewhere.
+    """
+
+    def __init__(self, points, starts, min_dist=None):
+        """Exact start distances ``min_dist`` if given; else call :meth:`bound`."""
+        self.points, self.starts = points, starts
+        self.min_dist, self.lo = min_dist, min_dist
+        self.exact = np.ones(len(points), dtype=bool)
+        self.n_inexact = 0
+
+    def bound(self, augmented, sq_norms, scale, gamma, slack, floor) -> None:
+        """Start from intervals (no exact start distance yet); see :meth:`bounds`."""
+        self.lo, self.min_dist = self.bounds(augmented, sq_norms, self.starts, scale, gamma, slack, floor)
+        self.exact[:] = False
+        self.n_inexact = len(self.exact)
+
+    @staticmethod
+    def bounds(augmented, sq_norms, starts, scale, gamma, slack, floor):
+        """Float32 ``lo <= m <= hi`` around each point's start distance ``m``, as the plain loop computes it.
+
+        ``augmented`` rows are [x, sqrt(gamma) |x|, |x|^2] in the scaled, centred
+        units of the bound (see :func:`_candidates`). One product gives, for
+        each point x and start c, the ends
+        ``(|x|^2 - 2 <x, c> + |c|^2 +- 2 gamma (|x| + |c|)^2) (1 +- slack)^2 +- floor``
+        of the squared distance. ``2 gamma (|x| + |c|)^2`` covers, four times
+        over, the float32 rounding of that product and of the squared norms
+        (each below (d + 2) u (|x| + |c|)^2 / 2), and of the centring (which
+        moves a distance by at most u (|x| + |c|)); ``slack`` and ``floor``
+        cover the plain loop's own float32 distance, as in the bound. The ends'
+        square roots and their means over the k starts are float32 sums of
+        positive numbers, within 2 (k + 2) u (relative); the ends are then
+        rounded outwards.
+        """
+        k, n_dims = len(starts), augmented.shape[1] - 2
+        u = _UNIT_ROUNDOFF
+        centres = augmented[starts].astype(np.float64)
+        norms_sq = sq_norms[starts].astype(np.float64)
+        norms = np.sqrt(norms_sq)
+        spread = 2.0 * gamma + 8.0 * u
+        # (d + 2, 2k) columns: the upper ends for the k starts, then the lower ones.
+        right = np.empty((n_dims + 2, 2 * k))
+        constant = np.empty(2 * k)
+        for side, sign in ((0, 1.0), (1, -1.0)):
+            factor = (1.0 + sign * slack) ** 2
+            columns = slice(side * k, (side + 1) * k)
+            right[:n_dims, columns] = -2.0 * factor * centres[:, :n_dims].T
+            right[n_dims, columns] = sign * factor * 2.0 * spread * norms / np.sqrt(gamma)
+            right[n_dims + 1, columns] = factor * (1.0 + sign * spread)
+            constant[columns] = factor * (1.0 + sign * spread) * norms_sq + sign * floor
+        # In torch as the bound's product (NumPy's BLAS threads, left spinning after
+        # a product, slowed torch's next products by half), unless not in float32.
+        squared = np.empty((len(augmented), 2 * k), dtype=np.float32)
+        product = _torch_product if cpu_products_are_float32() else np.matmul
+        product(augmented, right.astype(np.float32), out=squared)
+        squared += constant.astype(np.float32)
+        np.maximum(squared, 0.0, out=squared)
+        ends = np.sqrt(squared, out=squared).reshape(len(augmented), 2, k).mean(axis=2)
+        margin = 2 * (k + 2) * u
+        hi = ends[:, 0] * np.float32((1.0 + margin) / scale)
+        lo = ends[:, 1] * np.float32((1.0 - margin) / scale)
+        return np.nextafter(lo, np.float32(-np.inf)).clip(0.0), np.nextafter(hi, np.float32(np.inf))
+
+    def settle(self, rows: np.ndarray) -> None:
+        """Make the running distances of ``rows`` (inexact ones, each once) exact."""
+        if len(rows):
+            self.min_dist[rows] = _start_distances(self.points, rows, self.starts)
+            self.exact[rows] = True
+            self.n_inexact -= len(rows)
+
+    def settle_farthest(self, width: int) -> None:
+        """Make exact every point that may be among the ``width + 1`` farthest."""
+        if self.n_inexact == 0:
+            return
+        n_points = len(self.exact)
+        inexact = ~self.exact
+        if width + 1 >= n_points:
+            self.settle(np.flatnonzero(inexact))
+            return
+        # The (width + 1)-th largest lower end is at most the (width + 1)-th largest
+        # exact value; a point whose upper end is below it cannot reach that far.
+        lower = np.where(self.exact, self.min_dist, self.lo)
+        cutoff = np.partition(lower, n_points - width - 1)[n_points - width - 1]
+        self.settle(np.flatnonzero(inexact & (self.min_dist >= cutoff)))
+
+    def lower(self, rows, distances) -> None:
+        """``min_dist[rows] = min(min_dist[rows], distances)`` (rows may repeat; None: all)."""
+        min_dist = self.min_dist
+        if self.n_inexact:
+            exact = self.exact if rows is None else self.exact[rows]
+            lo = self.lo if rows is None else self.lo[rows]
+            current = min_dist if rows is None else min_dist[rows]
+            # Between the ends, the exact start distance decides: work it out first.
+            unsure = ~exact & (distances >= lo) & (distances < current)
+            if unsure.any():
+                self.settle(np.flatnonzero(unsure) if rows is None else np.unique(rows[unsure]))
+            below = ~exact & (distances < lo)  # the new distance is the value, exactly
+            if below.any():
+                self.exact[below if rows is None else rows[below]] = True
+                self.n_inexact = len(self.exact) - int(np.count_nonzero(self.exact))
+        if rows is None:
+            np.minimum(min_dist, distances, out=min_dist)
+        else:
+            np.minimum.at(min_dist, rows, distances)
+
+
 def _distances_to(points: np.ndarray, rows: np.ndarray | None, center: np.ndarray, pool) -> np.ndarray:
     """:func:`row_distances` of ``points[rows]`` (all points for None), in blocks side by side."""
     n_rows = len(points) if rows is None else len(rows)
@@ -91,48 +221,41 @@ def _distances_to(points: np.ndarray, rows: np.ndarray | None, center: np.ndarra
     return out
 
 
-def _lower_listed(points, listed, min_dist, pool) -> None:
-    """Lower ``min_dist`` with the exact distances of each (centre, candidates) pair.
+def _lower_listed(points, listed, running: _LazyStart, pool, n_workers: int = 1) -> None:
+    """Lower the running distances with the exact distances of each (centre, candidates) pair.
 
-    Candidates of many centres are computed side by side, in work items of at
-    most ``_ROW_BLOCK`` rows, each row as :func:`row_distances` computes it
-    (the same bits); the minima are then taken one centre at a time (exact, in
-    any order).
+    All pairs are computed together, in blocks of rows side by side, each row
+    as :func:`row_distances` computes it (the same bits); the minima are then
+    taken all at once (exact, in any order).
     """
-    sizes = np.array([len(candidates) for _, candidates in listed])
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    distances = np.empty(int(offsets[-1]), dtype=min_dist.dtype)
-    # Work items: runs of whole small lists, or slices of a long one, ~_ROW_BLOCK rows each.
-    items, item, item_rows = [], [], 0
-    for entry, size in enumerate(sizes):
-        for low in range(0, int(size), _ROW_BLOCK):
-            high = min(int(size), low + _ROW_BLOCK)
-            if item_rows + high - low > _ROW_BLOCK and item:
-                items.append(item)
-                item, item_rows = [], 0
-            item.append((entry, low, high))
-            item_rows += high - low
-    if item:
-        items.append(item)
+    rows = np.concatenate([candidates for _, candidates in listed])
+    bounds = np.cumsum([0] + [len(candidates) for _, candidates in listed])
+    distances = np.empty(len(rows), dtype=np.float32)
+    n_tasks = min(n_workers if pool is not None else 1, -(-len(rows) // _LISTED_PER_TASK))
+    edges = np.linspace(0, len(rows), n_tasks + 1).astype(np.int64)
 
-    def fill(item):
-        # One work buffer per item; take(mode="clip") fills it in place (the
+    def run(task):
+        # One work buffer per task, reused; take(mode="clip") fills it in place (the
         # indices are valid; the default mode would copy through a temporary).
-        work = np.empty((max(high - low for _, low, high in item), points.shape[1]), dtype=points.dtype)
-        for entry, low, high in item:
-            center, candidates = listed[entry]
-            diff = np.take(points, candidates[low:high], axis=0, out=work[: high - low], mode="clip")
-            diff -= points[center]
-            out = distances[offsets[entry] + low : offsets[entry] + high]
+        first, last = int(edges[task]), int(edges[task + 1])
+        work = np.empty((min(_LISTED_BLOCK, last - first), points.shape[1]), dtype=points.dtype)
+        for start in range(first, last, len(work)):
+            stop = min(start + len(work), last)
+            diff = np.take(points, rows[start:stop], axis=0, out=work[: stop - start], mode="clip")
+            entry = int(np.searchsorted(bounds, start, side="right")) - 1
+            while bounds[entry] < stop:  # the centres of these rows, a run of rows each
+                low, high = max(bounds[entry], start), min(bounds[entry + 1], stop)
+                diff[low - start : high - start] -= points[listed[entry][0]]
+                entry += 1
+            out = distances[start:stop]
             np.einsum("ij,ij->i", diff, diff, out=out)
             np.sqrt(out, out=out)
 
-    if len(items) > 1:
-        list(pool.map(fill, items))
-    elif items:
-        fill(items[0])
-    for entry, (_, candidates) in enumerate(listed):
-        np.minimum.at(min_dist, candidates, distances[offsets[entry] : offsets[entry + 1]])
+    if n_tasks > 1:
+        list(pool.map(run, range(n_tasks)))
+    elif n_tasks:
+        run(0)
+    running.lower(rows, distances)
 
 
 def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, progress=None) -> np.ndarray:
@@ -159,14 +282,21 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
        arithmetic, the plain loop's own, so the running distances stay
        bit-identical to the plain loop's and so do the selected indices.
 
+    5. The start distances (each point's mean distance to the start points,
+       ``len(starts)`` exact passes in the plain loop) are first known only to
+       within ~1e-4 (relative), from one more small product. A point's exact
+       start distance is worked out only where it can matter: when the point
+       may be among the ``_BATCH_WIDTH + 1`` farthest, or when a pick's exact
+       distance to it falls inside its interval (:class:`_LazyStart`).
+
     So each selected point costs one bound row (a row of a matrix product)
     plus exact distances for the candidates: on the patch features of one
     MVTec-style category, a few hundred per selected point.
     """
     points = np.ascontiguousarray(points, dtype=np.float32)  # as the plain loop: float32 distances
     n_points, n_dims = points.shape
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        min_dist = initial_distances(points, starts, pool).astype(np.float32)
+    n_workers = max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
         # Rows [centered, sqrt(gamma) * norm, -half_point] (see _candidates): the
         # product adds the cross term of the margin gamma * (|x| + |y|)^2 and
         # subtracts each point's offset for free. It reads the rows transposed (a
@@ -184,8 +314,14 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         # (differences that overflow, or all of them below 2^-100, where even
         # the plain loop's squares are mostly rounding) the plain loop runs.
         largest = max(float(centered.max()), -float(centered.min())) if n_points else 0.0
-        if not (np.isfinite(largest) and np.isfinite(min_dist).all()) or 0.0 < largest < 2.0**-100:
-            return _plain_indices(points, min_dist, n_select, pool, progress)
+        # Start distances are worked out lazily (_LazyStart) for data of ordinary
+        # magnitude, where no distance can overflow; otherwise all of them first.
+        lazy = bool(np.isfinite(largest)) and 2.0**-60 < largest and 4.0 * n_dims * largest**2 < 2.0**120
+        min_dist = None
+        if not lazy:
+            min_dist = initial_distances(points, starts, pool).astype(np.float32)
+            if not (np.isfinite(largest) and np.isfinite(min_dist).all()) or 0.0 < largest < 2.0**-100:
+                return _plain_indices(points, min_dist, n_select, pool, progress)
         scale = 2.0 ** -math.frexp(largest)[1] if largest > 0 else 1.0
         centered *= np.float32(scale)
         # Absolute floors, where rounding errors are absolute rather than relative:
@@ -195,11 +331,17 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         floor = 4 * (n_dims + 2) * tiny + min(1e30, (n_dims + 1) * tiny * scale * scale)
         sq_norms = np.einsum("ij,ij->i", centered, centered)
         augmented[:, n_dims] = np.sqrt(gamma * sq_norms)
+        running = _LazyStart(points, starts, min_dist)
+        if lazy:
+            augmented[:, n_dims + 1] = sq_norms  # until the first batch
+            running.bound(augmented, sq_norms, scale, gamma, slack, floor)
+        min_dist = running.min_dist
         half_center = 0.5 * (1.0 - gamma) * sq_norms
         work = empty_buffer((_BLOCK_ROWS, min(_CHUNK_POINTS, n_points)), populate=False)  # partly used
         selected = np.empty(n_select, dtype=np.int64)
         count = 0
         while count < n_select:
+            running.settle_farthest(min(_BATCH_WIDTH, n_points))
             batch, tau, tau_index = _farthest_batch(min_dist, min(_BATCH_WIDTH, n_points))
             chosen = _batch_picks(points, batch, min_dist[batch], tau, tau_index, n_select - count)
             # Point i is a candidate for centre s when  <a_i, a_s> - half_point_i > half_center_s,
@@ -215,11 +357,11 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
                 listed = []
                 for center, candidates in zip(rows, found):
                     if candidates is None:  # every point
-                        np.minimum(min_dist, _distances_to(points, None, points[center], pool), out=min_dist)
+                        running.lower(None, _distances_to(points, None, points[center], pool))
                     else:
                         listed.append((center, candidates))
                 if listed:
-                    _lower_listed(points, listed, min_dist, pool)
+                    _lower_listed(points, listed, running, pool, n_workers)
             selected[count : count + len(chosen)] = chosen
             count += len(chosen)
             if progress is not None:

@@ -134,12 +134,18 @@ def test_blocked_distances_are_bit_identical_to_one_pass(monkeypatch):
     points = clustered_points(2500, 24, seed=7)
     starts = np.random.default_rng(3).choice(len(points), 10, replace=False)
     monkeypatch.setattr(_coreset, "_ROW_BLOCK", 97)  # uneven blocks, a short last one
+    monkeypatch.setattr(_coreset, "_LISTED_BLOCK", 37)  # candidates: pieces cut inside a centre's run
+    monkeypatch.setattr(_coreset, "_LISTED_PER_TASK", 100)  # ... split over the threads
     with ThreadPoolExecutor(max_workers=3) as pool:
         blocked = _coreset.initial_distances(points, starts, pool)
         rows = np.random.default_rng(4).permutation(len(points))[:1000]
         blocked_rows = _coreset._distances_to(points, rows, points[5], pool)
     assert blocked.tobytes() == _coreset.initial_distances(points, starts).tobytes()
     assert blocked_rows.tobytes() == _coreset.row_distances(points[rows], points[5]).tobytes()
+    # start distances of a few rows alone, as the lazy start works them out
+    for some in (rows[:1], rows[:7], np.sort(rows)):
+        alone = _coreset._start_distances(points, some, starts)
+        assert alone.tobytes() == blocked[some].tobytes()
     for fraction in (0.01, 0.2):  # the whole loop, with every exact pass in blocks
         n_select = int(len(points) * fraction)
         np.testing.assert_array_equal(
@@ -171,6 +177,122 @@ def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, 
         assert n_dense == 0
     else:
         assert n_dense > 0 and n_listed > 0
+
+
+def _recorded_start_intervals(monkeypatch, points, starts):
+    from skpatchcore import _coreset
+
+    seen = []
+    real = _coreset._LazyStart.bound
+
+    def record(self, *args):
+        real(self, *args)
+        seen.append((self.lo.copy(), self.min_dist.copy()))
+
+    monkeypatch.setattr(_coreset._LazyStart, "bound", record)
+    greedy_indices_cpu(points, 1, starts)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32),
+        clustered_points(3000, 32, seed=3),
+        (np.random.default_rng(1).normal(size=(2000, 8)) + 1e4).astype(np.float32),  # far from 0
+        (np.random.default_rng(2).normal(size=(2000, 8)) * 1e-12).astype(np.float32),
+        (np.random.default_rng(3).normal(size=(2000, 8)) * 1e14).astype(np.float32),
+        np.repeat(np.random.default_rng(4).normal(size=(100, 8)).astype(np.float32), 10, axis=0),
+        np.random.default_rng(5).normal(size=(1500, 1024)).astype(np.float32),
+    ],
+    ids=["gaussian", "clustered", "offset-1e4", "scale-1e-12", "scale-1e14", "duplicates", "1024-dims"],
+)
+def test_start_distance_intervals_hold_the_plain_loops_values(monkeypatch, points):
+    """The lazy start's [lo, hi] holds each point's exact start distance, and is narrow."""
+    from skpatchcore import _coreset
+
+    starts = np.random.default_rng(6).choice(len(points), 10, replace=False)
+    ((lo, hi),) = _recorded_start_intervals(monkeypatch, points, starts)
+    exact = _coreset.initial_distances(points, starts).astype(np.float32)
+    assert lo.dtype == hi.dtype == np.float32
+    assert np.all(lo <= exact) and np.all(exact <= hi)
+    # (~4e-4 wide at 128 dims, 1.2e-3 at 1024: the margins grow with the dimension)
+    assert np.median((hi - lo) / exact) < 3e-3  # else most start distances get worked out anyway
+
+
+def test_extreme_magnitudes_work_out_every_start_distance_first(monkeypatch):
+    for points in (np.full((50, 4), 1e30, np.float32) + np.arange(4, dtype=np.float32), _one_far_point(3e19)):
+        starts = np.arange(10)
+        with np.errstate(over="ignore", invalid="ignore"):
+            assert _recorded_start_intervals(monkeypatch, points, starts) == []
+
+
+@pytest.mark.parametrize("widen", ["loose", "exact", "zero-low"])
+def test_start_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
+    """Exact start distances are worked out wherever an interval cannot decide: wide intervals
+    (most points settled on the way), zero-width ones and a low end of 0 all keep the indices."""
+    from skpatchcore import _coreset
+
+    real = _coreset._LazyStart.bounds
+    settled, exact = [], {}
+
+    def bounds(*args):
+        lo, hi = real(*args)
+        if widen == "loose":
+            return lo * np.float32(0.7), hi * np.float32(1.5)
+        if widen == "zero-low":
+            return np.zeros_like(lo), hi
+        return exact["starts"], exact["starts"].copy()  # zero width, on the exact value
+
+    monkeypatch.setattr(_coreset._LazyStart, "bounds", staticmethod(bounds))
+    real_settle = _coreset._LazyStart.settle
+    monkeypatch.setattr(
+        _coreset._LazyStart, "settle", lambda self, rows: settled.append(len(rows)) or real_settle(self, rows)
+    )
+    for points in (
+        clustered_points(2500, 16, seed=12),
+        np.random.default_rng(9).normal(size=(2000, 32)).astype(np.float32),
+    ):
+        starts = np.random.default_rng(10).choice(len(points), 10, replace=False)
+        exact["starts"] = _coreset.initial_distances(points, starts).astype(np.float32)
+        for n_select in (1, 25, 400):
+            np.testing.assert_array_equal(
+                greedy_indices_cpu(points, n_select, starts), greedy_coreset(points, n_select, starts)
+            )
+    if widen == "loose":
+        assert sum(settled) > 2000  # many points needed their exact start distance
+
+
+def test_lazy_start_lowering_gives_the_running_minimum_once_settled():
+    """Whatever pairs arrive (repeated rows, distances inside, below and above the
+    intervals, all points at once), a point's value is exact as soon as it is marked so,
+    and settling the rest gives the plain running minimum, bit for bit."""
+    from skpatchcore import _coreset
+
+    points = clustered_points(600, 8, seed=13)
+    starts = np.arange(10)
+    start = _coreset.initial_distances(points, starts).astype(np.float32)
+    running = _coreset._LazyStart(points, starts)
+    running.lo, running.min_dist = start * np.float32(0.9), start * np.float32(1.1)
+    running.exact = np.zeros(len(points), dtype=bool)
+    running.n_inexact = len(points)
+    truth = start.copy()
+    rng = np.random.default_rng(14)
+    for step in range(12):
+        if step == 6:  # every point at once, as a centre checked densely
+            rows, distances = None, start * rng.uniform(0.85, 1.3, len(points)).astype(np.float32)
+            np.minimum(truth, distances, out=truth)
+        else:
+            rows = rng.integers(0, len(points), 80)  # repeats included
+            distances = start[rows] * rng.uniform(0.8, 1.2, len(rows)).astype(np.float32)
+            np.minimum.at(truth, rows, distances)
+        running.lower(rows, distances)
+        done = running.exact
+        assert running.min_dist[done].tobytes() == truth[done].tobytes()
+        assert np.all(running.lo[~done] <= truth[~done]) and np.all(truth[~done] <= running.min_dist[~done])
+        assert running.n_inexact == np.count_nonzero(~done)
+    running.settle(np.flatnonzero(~running.exact))
+    assert running.min_dist.tobytes() == truth.tobytes()
 
 
 def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features):
