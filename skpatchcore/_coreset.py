@@ -305,15 +305,24 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         slack = max(_SLACK, 2 * (n_dims + 2) * _UNIT_ROUNDOFF)
         tiny = float(np.finfo(np.float32).smallest_subnormal)
         augmented = empty_buffer((n_points, n_dims + 2))
-        mean = points.mean(axis=0, dtype=np.float64).astype(np.float32)
-        np.subtract(points, mean, out=augmented[:, :n_dims])
         centered = augmented[:, :n_dims]
+        # Row ranges, one per thread (elementwise work: the same values either way).
+        edges = np.linspace(0, n_points, min(n_workers, max(1, n_points // _ROW_BLOCK)) + 1).astype(int)
+        parts = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        # The centre only has to be central (the bound holds for any): the mean of
+        # ~4096 rows spread over the data, at a fraction of a full pass.
+        mean = points[:: max(1, n_points // 4096)].mean(axis=0, dtype=np.float64).astype(np.float32)
+
+        def subtract(part):
+            np.subtract(points[part], mean, out=centered[part])
+            return centered[part].max(initial=-np.inf), -centered[part].min(initial=np.inf)
+
         # Scaled by a power of two (exactly) so the largest coordinate is in [0.5, 1):
         # squares can neither overflow nor, for all but far-out data, fall to
         # subnormals, as the rounding bound needs. Where that is impossible
         # (differences that overflow, or all of them below 2^-100, where even
         # the plain loop's squares are mostly rounding) the plain loop runs.
-        largest = max(float(centered.max()), -float(centered.min())) if n_points else 0.0
+        largest = float(np.max(list(pool.map(subtract, parts)))) if n_points else 0.0  # NaN stays NaN
         # Start distances are worked out lazily (_LazyStart) for data of ordinary
         # magnitude, where no distance can overflow; otherwise all of them first.
         lazy = bool(np.isfinite(largest)) and 2.0**-60 < largest and 4.0 * n_dims * largest**2 < 2.0**120
@@ -323,13 +332,18 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
             if not (np.isfinite(largest) and np.isfinite(min_dist).all()) or 0.0 < largest < 2.0**-100:
                 return _plain_indices(points, min_dist, n_select, pool, progress)
         scale = 2.0 ** -math.frexp(largest)[1] if largest > 0 else 1.0
-        centered *= np.float32(scale)
+        sq_norms = np.empty(n_points, dtype=np.float32)
+
+        def rescale(part):
+            centered[part] *= np.float32(scale)
+            np.einsum("ij,ij->i", centered[part], centered[part], out=sq_norms[part])
+
+        list(pool.map(rescale, parts))
         # Absolute floors, where rounding errors are absolute rather than relative:
         # products of the bound that fall to subnormals, and the exact distances'
         # own squares where the raw differences are that small (only for data of
         # about 1e-19 and below; in scaled units, where it then dominates).
         floor = 4 * (n_dims + 2) * tiny + min(1e30, (n_dims + 1) * tiny * scale * scale)
-        sq_norms = np.einsum("ij,ij->i", centered, centered)
         augmented[:, n_dims] = np.sqrt(gamma * sq_norms)
         running = _LazyStart(points, starts, min_dist)
         if lazy:
@@ -460,6 +474,7 @@ def _batch_picks(points, batch, values, tau, tau_index, limit) -> np.ndarray:
     order = np.argsort(batch)  # by index, so argmax breaks ties as the plain loop's argmax
     batch, values = batch[order], values[order]
     members = points[batch]
+    work, distances = np.empty_like(members), np.empty(len(values), dtype=np.float32)
     picks = []
     while len(picks) < limit and len(values):
         at = int(values.argmax())
@@ -467,7 +482,10 @@ def _batch_picks(points, batch, values, tau, tau_index, limit) -> np.ndarray:
         if not (best > tau or (best == tau and chosen < tau_index)):
             break  # the farthest point may now lie outside the batch
         picks.append(chosen)
-        np.minimum(values, row_distances(members, points[chosen]), out=values)
+        # row_distances(members, points[chosen]), into reused buffers
+        diff = np.subtract(members, members[at], out=work[: len(values)])
+        np.einsum("ij,ij->i", diff, diff, out=distances[: len(values)])
+        np.minimum(values, np.sqrt(distances[: len(values)], out=distances[: len(values)]), out=values)
         # Members below tau can no longer be picked from this batch (a larger one
         # would have to come first); drop them once they are a quarter of the rows.
         alive = values >= tau
