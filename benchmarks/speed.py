@@ -349,12 +349,14 @@ def projected_points(vectors: np.ndarray, seed: int):
     """The projection and start points GreedyCoresetSampler(random_state=seed) draws."""
     from sklearn.utils import check_random_state
 
+    from skpatchcore._coreset import project
+
     rng = check_random_state(seed)
     projection_dim, n_starts = REFERENCE_SETTINGS["projection_dim"], REFERENCE_SETTINGS["n_starts"]
     projection = rng.standard_normal((vectors.shape[1], projection_dim)).astype(np.float32)
     projection /= np.sqrt(projection_dim)
     starts = rng.choice(len(vectors), size=min(n_starts, len(vectors)), replace=False)
-    return vectors @ projection, starts
+    return project(vectors, projection), starts  # as the sampler projects
 
 
 def _timed(function, *args):

@@ -750,6 +750,19 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         return tags
 
 
+def project(vectors: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    """``vectors @ projection`` on the CPU, in float32, into a new (n, k) array.
+
+    The product runs in torch, like the loop's own products: NumPy's BLAS
+    threads keep spinning for a while after a product, and that slowed the
+    loop right after it by 30-70% on 2 cores.
+    """
+    points = empty_buffer((len(vectors), projection.shape[1]))
+    with torch.inference_mode(), float32_precision():
+        torch.mm(as_tensor(vectors), torch.from_numpy(projection), out=torch.from_numpy(points))
+    return points
+
+
 def _greedy(vectors, n_select, projection_dim, n_starts, rng, device, progress) -> np.ndarray:
     """Project, draw the start points and run the greedy loop on ``device``."""
     n_features = vectors.shape[1]
@@ -759,10 +772,7 @@ def _greedy(vectors, n_select, projection_dim, n_starts, rng, device, progress) 
         projection /= np.sqrt(projection_dim)
     starts = rng.choice(len(vectors), size=min(n_starts, len(vectors)), replace=False)
     if device.type == "cpu":
-        if projection is not None:
-            points = np.matmul(vectors, projection, out=empty_buffer((len(vectors), projection.shape[1])))
-        else:
-            points = np.ascontiguousarray(vectors)
+        points = np.ascontiguousarray(vectors) if projection is None else project(vectors, projection)
         return greedy_indices_cpu(points, n_select, starts, progress)
     with torch.inference_mode(), float32_precision():  # no TF32: the CPU's selection
         points = as_tensor(np.ascontiguousarray(vectors)).to(device)

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.plain import greedy_coreset
 from skpatchcore import GreedyCoresetSampler
-from skpatchcore._coreset import _greedy, greedy_indices_cpu, greedy_indices_torch
+from skpatchcore._coreset import greedy_indices_cpu, greedy_indices_torch, project
 
 from .conftest import textured_parts
 
@@ -317,17 +317,32 @@ def test_torch_loop_agrees_with_numpy_loop():
 
 def test_sampler_projects_and_seeds_without_global_state():
     X = clustered_points(2000, 256, seed=5)
+
+    def sampled(seed):
+        sampler = GreedyCoresetSampler(ratio=0.05, projection_dim=128, random_state=seed, device="cpu")
+        return sampler.fit(X).sample_indices_
+
     np.random.seed(0)  # noqa: NPY002 - the global RNG must not matter
-    first = GreedyCoresetSampler(ratio=0.05, random_state=3, device="cpu").fit(X).sample_indices_
+    first = sampled(3)
     np.random.seed(12345)  # noqa: NPY002
-    second = GreedyCoresetSampler(ratio=0.05, random_state=3, device="cpu").fit(X).sample_indices_
-    other = GreedyCoresetSampler(ratio=0.05, random_state=4, device="cpu").fit(X).sample_indices_
+    second, other = sampled(3), sampled(4)
     np.testing.assert_array_equal(first, second)
     assert not np.array_equal(first, other)
     # the same selection, spelled out: project with the seeded Gaussian map, then the plain loop
     rng = np.random.RandomState(3)
-    expected = _greedy(X, 100, GreedyCoresetSampler().projection_dim, 10, rng, torch.device("cpu"), None)
-    np.testing.assert_array_equal(first, expected)
+    projection = (rng.standard_normal((256, 128)) / np.sqrt(128)).astype(np.float32)
+    starts = rng.choice(len(X), 10, replace=False)
+    projected = project(X, projection)
+    np.testing.assert_allclose(projected, X.astype(np.float64) @ projection, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(first, greedy_coreset(projected, 100, starts))
+    # a process-wide bfloat16 setting reaches neither the projection nor the loop
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        again = sampled(3)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    np.testing.assert_array_equal(again, first)
 
 
 def test_sampler_keeps_int_of_ratio_times_patches_and_at_least_one():
