@@ -150,16 +150,24 @@ class _LazyStart:
             right[n_dims + 1, columns] = factor * (1.0 + sign * spread)
             constant[columns] = factor * (1.0 + sign * spread) * norms_sq + sign * floor
         # In torch as the bound's product (NumPy's BLAS threads, left spinning after
-        # a product, slowed torch's next products by half), unless not in float32.
-        squared = np.empty((len(augmented), 2 * k), dtype=np.float32)
+        # a product, slowed torch's next products by half), unless not in float32;
+        # _CHUNK_POINTS rows at a time, so the 2k values per row never all exist.
         product = _torch_product if cpu_products_are_float32() else np.matmul
-        product(augmented, right.astype(np.float32), out=squared)
-        squared += constant.astype(np.float32)
-        np.maximum(squared, 0.0, out=squared)
-        ends = np.sqrt(squared, out=squared).reshape(len(augmented), 2, k).mean(axis=2)
+        right, constant = right.astype(np.float32), constant.astype(np.float32)
         margin = 2 * (k + 2) * u
-        hi = ends[:, 0] * np.float32((1.0 + margin) / scale)
-        lo = ends[:, 1] * np.float32((1.0 - margin) / scale)
+        up, down = np.float32((1.0 + margin) / scale), np.float32((1.0 - margin) / scale)
+        n_points = len(augmented)
+        lo, hi = np.empty(n_points, dtype=np.float32), np.empty(n_points, dtype=np.float32)
+        squared = np.empty((min(n_points, _CHUNK_POINTS), 2 * k), dtype=np.float32)
+        for start in range(0, n_points, _CHUNK_POINTS):
+            stop = min(start + _CHUNK_POINTS, n_points)
+            part = squared[: stop - start]
+            product(augmented[start:stop], right, out=part)
+            part += constant
+            np.maximum(part, 0.0, out=part)
+            ends = np.sqrt(part, out=part).reshape(stop - start, 2, k).mean(axis=2)
+            np.multiply(ends[:, 0], up, out=hi[start:stop])
+            np.multiply(ends[:, 1], down, out=lo[start:stop])
         return np.nextafter(lo, np.float32(-np.inf)).clip(0.0), np.nextafter(hi, np.float32(np.inf))
 
     def settle(self, rows: np.ndarray) -> None:
