@@ -15,7 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from .utils._buffers import empty_buffer
-from .utils._device import as_tensor, cpu_products_are_float32, float32_precision, resolve_device
+from .utils._device import as_tensor, cpu_float32, float32_precision, resolve_device
 from .utils._pickling import VersionedPickleMixin
 from .utils._validation import check_labels, check_patch_features
 
@@ -123,12 +123,13 @@ class _LazyStart:
         ``augmented`` rows are [x, sqrt(gamma) |x|, |x|^2] in the scaled, centred
         units of the bound (see :func:`_candidates`). One product gives, for
         each point x and start c, the ends
-        ``(|x|^2 - 2 <x, c> + |c|^2 +- 2 gamma (|x| + |c|)^2) (1 +- slack)^2 +- floor``
+        ``(|x|^2 - 2 <x, c> + |c|^2 +- (2 gamma + 8 u) (|x| + |c|)^2) (1 +- slack)^2 +- floor``
         of the squared distance. ``2 gamma (|x| + |c|)^2`` covers, four times
         over, the float32 rounding of that product and of the squared norms
-        (each below (d + 2) u (|x| + |c|)^2 / 2), and of the centring (which
-        moves a distance by at most u (|x| + |c|)); ``slack`` and ``floor``
-        cover the plain loop's own float32 distance, as in the bound. The ends'
+        (together below (2 d + 4) u (|x| + |c|)^2, and 2 gamma >= 8 (d + 2) u),
+        and ``8 u (|x| + |c|)^2`` that of the centring (which moves a distance
+        by at most u (|x| + |c|)); ``slack`` and ``floor`` cover the plain
+        loop's own float32 distance, as in the bound. The ends'
         square roots and their means over the k starts are float32 sums of
         positive numbers, within 2 (k + 2) u (relative); the ends are then
         rounded outwards.
@@ -138,7 +139,7 @@ class _LazyStart:
         centres = augmented[starts].astype(np.float64)
         norms_sq = sq_norms[starts].astype(np.float64)
         norms = np.sqrt(norms_sq)
-        spread = 2.0 * gamma + 8.0 * u
+        spread = 2.0 * gamma + 8.0 * u  # times (|x| + |c|)^2: the margin
         # (d + 2, 2k) columns: the upper ends for the k starts, then the lower ones.
         right = np.empty((n_dims + 2, 2 * k))
         constant = np.empty(2 * k)
@@ -150,9 +151,8 @@ class _LazyStart:
             right[n_dims + 1, columns] = factor * (1.0 + sign * spread)
             constant[columns] = factor * (1.0 + sign * spread) * norms_sq + sign * floor
         # In torch as the bound's product (NumPy's BLAS threads, left spinning after
-        # a product, slowed torch's next products by half), unless not in float32;
-        # _CHUNK_POINTS rows at a time, so the 2k values per row never all exist.
-        product = _torch_product if cpu_products_are_float32() else np.matmul
+        # a product, slowed torch's next products by half), _CHUNK_POINTS rows at a
+        # time, so the 2k values per row never all exist at once.
         right, constant = right.astype(np.float32), constant.astype(np.float32)
         margin = 2 * (k + 2) * u
         up, down = np.float32((1.0 + margin) / scale), np.float32((1.0 - margin) / scale)
@@ -162,7 +162,7 @@ class _LazyStart:
         for start in range(0, n_points, _CHUNK_POINTS):
             stop = min(start + _CHUNK_POINTS, n_points)
             part = squared[: stop - start]
-            product(augmented[start:stop], right, out=part)
+            _torch_product(augmented[start:stop], right, out=part)
             part += constant
             np.maximum(part, 0.0, out=part)
             ends = np.sqrt(part, out=part).reshape(stop - start, 2, k).mean(axis=2)
@@ -292,7 +292,7 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
 
     5. The start distances (each point's mean distance to the start points,
        ``len(starts)`` exact passes in the plain loop) are first known only to
-       within ~1e-4 (relative), from one more small product. A point's exact
+       within a few 1e-4 (relative), from one more small product. A point's exact
        start distance is worked out only where it can matter: when the point
        may be among the ``_BATCH_WIDTH + 1`` farthest, or when a pick's exact
        distance to it falls inside its interval (:class:`_LazyStart`).
@@ -392,7 +392,11 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
 
 
 def _torch_product(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> None:
-    torch.mm(torch.from_numpy(left), torch.from_numpy(right), out=torch.from_numpy(out))
+    """``out = left @ right`` in torch (MKL, every core), in float32 whatever torch's
+    global precision settings: bfloat16 or TF32 products would be far outside the
+    bounds' margins."""
+    with cpu_float32():
+        torch.mm(torch.from_numpy(left), torch.from_numpy(right), out=torch.from_numpy(out))
 
 
 def _plain_indices(points, min_dist, n_select, pool, progress) -> np.ndarray:
@@ -430,12 +434,8 @@ def _candidates(rows, augmented, half_center, work, pool=None) -> list[np.ndarra
     None stands for "too many to list" (over ``_DENSE_FRACTION`` of the
     points): the caller then checks every point. ``work`` holds the products.
     """
-    # The product in torch (MKL, every core) into the reused ``work`` buffer,
-    # unless torch may run float32 products in bfloat16 or TF32 (after
-    # torch.set_float32_matmul_precision("medium"), say), far outside these
-    # margins: then in NumPy (float32 BLAS; ~15% slower in this loop). The
+    # The product (see _torch_product) goes into the reused ``work`` buffer; the
     # comparison and listing run half of the rows per thread.
-    product = _torch_product if cpu_products_are_float32() else np.matmul
     n_points = len(augmented)
     index_dtype = np.int32 if n_points < 2**31 else np.int64
     dense_limit = int(_DENSE_FRACTION * n_points)
@@ -450,7 +450,7 @@ def _candidates(rows, augmented, half_center, work, pool=None) -> list[np.ndarra
         chunk = augmented[start : start + _CHUNK_POINTS]
         width = len(chunk)
         bounds = work.reshape(-1)[: len(rows) * width].reshape(len(rows), width)
-        product(left, chunk.T, out=bounds)
+        _torch_product(left, chunk.T, out=bounds)
 
         def hits(part, bounds=bounds, width=width, start=start):
             flat = np.flatnonzero(bounds[part[0] : part[-1] + 1] > thresholds[part[0] : part[-1] + 1])
@@ -766,7 +766,7 @@ def project(vectors: np.ndarray, projection: np.ndarray) -> np.ndarray:
     loop right after it by 30-70% on 2 cores.
     """
     points = empty_buffer((len(vectors), projection.shape[1]))
-    with torch.inference_mode(), float32_precision():
+    with torch.inference_mode(), cpu_float32():
         torch.mm(as_tensor(vectors), torch.from_numpy(projection), out=torch.from_numpy(points))
     return points
 

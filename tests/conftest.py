@@ -62,3 +62,13 @@ def lite_features():
     return PatchFeatureTransformer(
         backbone="efficientnet_lite0", image_size=64, crop_size=None, device="cpu"
     ).fit(images)
+
+
+@pytest.fixture
+def clean_precision():
+    """torch's default float32 precision settings before and after the test."""
+    from ._precision import reset_precision
+
+    reset_precision()
+    yield
+    reset_precision()

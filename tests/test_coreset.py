@@ -10,6 +10,7 @@ from benchmarks.plain import greedy_coreset
 from skpatchcore import GreedyCoresetSampler
 from skpatchcore._coreset import greedy_indices_cpu, greedy_indices_torch, project
 
+from ._precision import bfloat16_settings
 from .conftest import textured_parts
 
 
@@ -74,28 +75,22 @@ def test_far_apart_clusters_need_and_get_the_rounding_margin(offset, dims):
     np.testing.assert_array_equal(fast, greedy_coreset(points, 300, starts))
 
 
-def test_torch_float32_matmul_precision_setting_changes_nothing():
-    """A global torch.set_float32_matmul_precision("medium") (bfloat16 products on CPUs
-    that have them) must not reach the bound's product: the indices stay the plain loop's."""
-    from skpatchcore.utils._device import cpu_products_are_float32
-
-    rng = np.random.default_rng(3)
-    points = rng.normal(size=(3000, 64)).astype(np.float32)
+@pytest.mark.parametrize("setting", bfloat16_settings(), ids=lambda s: s[0])
+def test_bfloat16_precision_settings_change_no_index(setting, clean_precision):
+    """A process-wide bfloat16 setting (set for another model) must not reach the bound's
+    products: two far-apart clusters, where a bfloat16 product is off by far more than the
+    bound's margin, keep the plain loop's indices, projected or not."""
+    rng = np.random.default_rng(0)
+    side = np.where(np.arange(3000) < 1500, 1e3, -1e3)[:, None]
+    points = (rng.normal(size=(3000, 16)) + side).astype(np.float32)
     starts = rng.choice(len(points), 10, replace=False)
-    assert cpu_products_are_float32()
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
-        assert not cpu_products_are_float32()  # so NumPy's product is used
-        fast = greedy_indices_cpu(points, 300, starts)
-        if hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
-            # The most specific setting decides: oneDNN's matmul back to float32.
-            torch.backends.mkldnn.matmul.fp32_precision = "ieee"
-            assert cpu_products_are_float32()
-    finally:
-        torch.set_float32_matmul_precision(before)
-    assert cpu_products_are_float32()
+    X = clustered_points(2000, 256, seed=5)
+    sampler = GreedyCoresetSampler(ratio=0.05, projection_dim=128, random_state=3, device="cpu")
+    expected = sampler.fit(X).sample_indices_
+    setting[1]()
+    fast = greedy_indices_cpu(points, 300, starts)
     np.testing.assert_array_equal(fast, greedy_coreset(points, 300, starts))
+    np.testing.assert_array_equal(sampler.fit(X).sample_indices_, expected)
 
 
 def _one_far_point(scale):
@@ -335,14 +330,6 @@ def test_sampler_projects_and_seeds_without_global_state():
     projected = project(X, projection)
     np.testing.assert_allclose(projected, X.astype(np.float64) @ projection, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(first, greedy_coreset(projected, 100, starts))
-    # a process-wide bfloat16 setting reaches neither the projection nor the loop
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
-        again = sampled(3)
-    finally:
-        torch.set_float32_matmul_precision(before)
-    np.testing.assert_array_equal(again, first)
 
 
 def test_sampler_keeps_int_of_ratio_times_patches_and_at_least_one():

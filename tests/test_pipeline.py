@@ -22,6 +22,7 @@ from skpatchcore import (
     make_patchcore,
 )
 
+from ._precision import PER_BACKEND, bfloat16_settings, cpu_matmul_precision
 from .conftest import textured_parts
 
 SMALL = {"backbone": "efficientnet_lite0", "image_size": 64, "crop_size": None, "device": "cpu"}
@@ -200,26 +201,10 @@ def test_cuda_gives_the_cpu_scores_and_maps(good_parts, defective_parts):
     assert np.abs(cuda_maps - cpu_maps).max() <= 1e-4 * np.abs(cpu_maps).max()
 
 
-def _bfloat16_settings():
-    """Ways a process can let torch's float32 CPU products run in bfloat16."""
-    settings = [("legacy medium", lambda: torch.set_float32_matmul_precision("medium"))]
-    if hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
-        settings.append(("generic bf16", lambda: setattr(torch.backends, "fp32_precision", "bf16")))
-        settings.append(
-            ("oneDNN matmul bf16", lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"))
-        )
-    return settings
-
-
-def _precision_state():
-    flags = [torch.backends, torch.backends.mkldnn]
-    flags += [getattr(torch.backends.mkldnn, name, None) for name in ("matmul", "conv")]
-    state = [getattr(flag, "fp32_precision", None) for flag in flags if flag is not None]
-    return flags, state
-
-
-@pytest.mark.parametrize("setting", _bfloat16_settings(), ids=lambda s: s[0])
-def test_bfloat16_set_elsewhere_in_the_process_changes_no_result(setting, good_parts, defective_parts):
+@pytest.mark.parametrize("setting", bfloat16_settings(), ids=lambda s: s[0])
+def test_bfloat16_set_elsewhere_in_the_process_changes_no_result(
+    setting, clean_precision, good_parts, defective_parts
+):
     """A process-wide bfloat16 setting (made for some other model) must not reach our CPU
     products: fitted again, the model gives bit-identical scores and maps, and the user's
     setting is still in place afterwards."""
@@ -235,34 +220,76 @@ def test_bfloat16_set_elsewhere_in_the_process_changes_no_result(setting, good_p
         return a @ a, torch.nn.functional.conv2d(a[None, None], a[None, None, :5, :5])
 
     exact = probe()
-    flags, before = _precision_state()
-    legacy = torch.get_float32_matmul_precision()
-    try:
-        setting[1]()
-        _, chosen = _precision_state()
-        if all(torch.equal(now, then) for now, then in zip(probe(), exact)):
-            pytest.skip("this CPU runs float32 products in float32 whatever the setting")
-        model = make_patchcore(ratio=0.25, random_state=0, **SMALL).fit(good_parts)
-        maps, scores = model.predict_map(images, return_scores=True)
-        assert _precision_state()[1] == chosen  # the user's setting, untouched
-        assert not all(torch.equal(now, then) for now, then in zip(probe(), exact))
-    finally:
-        for flag, value in zip((f for f in flags if f is not None), before):
-            if value is not None:
-                flag.fp32_precision = value
-        torch.set_float32_matmul_precision(legacy)
+    setting[1]()
+    chosen = _readable_settings()
+    if all(torch.equal(now, then) for now, then in zip(probe(), exact)):
+        pytest.skip("this CPU runs float32 products in float32 whatever the setting")
+    model = make_patchcore(ratio=0.25, random_state=0, **SMALL).fit(good_parts)
+    maps, scores = model.predict_map(images, return_scores=True)
+    assert _readable_settings() == chosen  # the user's setting, untouched
+    assert not all(torch.equal(now, then) for now, then in zip(probe(), exact))
     np.testing.assert_array_equal(scores, expected_scores)
     np.testing.assert_array_equal(maps, expected_maps)
 
 
-def test_float32_pin_holds_while_any_thread_is_inside_and_then_restores():
+def _readable_settings():
+    backends = torch.backends
+    owners = [backends, backends.mkldnn, getattr(backends.mkldnn, "matmul", None)]
+    owners += [getattr(backends.mkldnn, "conv", None), getattr(backends.cuda, "matmul", None)]
+    values = [getattr(owner, "fp32_precision", None) for owner in owners]
+    return values + [torch.get_float32_matmul_precision()]
+
+
+@pytest.mark.skipif(not PER_BACKEND, reason="torch < 2.9 has one global precision setting")
+def test_settings_left_to_follow_their_parent_still_follow_it_afterwards(clean_precision):
+    """A per-operation setting the user left at "none" reads as its parent's value; after our
+    pin it must still follow the parent (not stay at the value it read), while one the user
+    set explicitly keeps that value."""
+    from skpatchcore.utils._device import float32_precision
+
+    backends = torch.backends
+    backends.fp32_precision = "bf16"
+    with float32_precision():
+        assert cpu_matmul_precision() == "ieee"
+    backends.fp32_precision = "ieee"  # the user changes their mind
+    assert backends.mkldnn.matmul.fp32_precision == "ieee"
+    assert backends.mkldnn.conv.fp32_precision == "ieee"
+    backends.fp32_precision = "none"
+    backends.mkldnn.matmul.fp32_precision = "bf16"  # explicit: stays
+    with float32_precision():
+        pass
+    backends.fp32_precision = "ieee"
+    assert backends.mkldnn.matmul.fp32_precision == "bf16"
+    assert backends.mkldnn.conv.fp32_precision == "ieee"
+
+
+@pytest.mark.skipif(not PER_BACKEND, reason="torch < 2.9: the legacy allow_tf32 flags")
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_cuda_precision_is_set_and_given_back_per_backend(monkeypatch, clean_precision, allow_tf32):
+    """On a CUDA machine (faked: the settings are plain flags) the pin sets CUDA's matmul and
+    cuDNN's convolutions to float32 or TF32 and gives the user's settings back, legacy
+    getter included."""
+    from skpatchcore.utils._device import float32_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    torch.set_float32_matmul_precision("medium")
+    before = _readable_settings() + [torch.backends.cudnn.conv.fp32_precision]
+    with float32_precision(allow_tf32):
+        wanted = "tf32" if allow_tf32 else "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == wanted
+        assert torch.backends.cudnn.conv.fp32_precision == wanted
+        assert cpu_matmul_precision() == "ieee"
+    assert _readable_settings() + [torch.backends.cudnn.conv.fp32_precision] == before
+    assert torch.get_float32_matmul_precision() == "medium"
+
+
+def test_float32_pin_holds_while_any_thread_is_inside_and_then_restores(clean_precision):
     """Threads compute side by side inside float32_precision: the first one in sets float32,
     the last one out restores the user's setting (not the first one out)."""
     import threading
 
-    from skpatchcore.utils._device import cpu_products_are_float32, float32_precision
+    from skpatchcore.utils._device import float32_precision
 
-    legacy = torch.get_float32_matmul_precision()
     inside, leave_first, first_left = threading.Barrier(2), threading.Event(), threading.Event()
     seen = {}
 
@@ -270,19 +297,16 @@ def test_float32_pin_holds_while_any_thread_is_inside_and_then_restores():
         with float32_precision():
             inside.wait()
             wait_for.wait()
-            seen[name] = cpu_products_are_float32()
+            seen[name] = cpu_matmul_precision()
         if name == "first":
             first_left.set()
 
     torch.set_float32_matmul_precision("medium")
-    try:
-        first = threading.Thread(target=worker, args=("first", leave_first))
-        second = threading.Thread(target=worker, args=("second", first_left))
-        first.start(), second.start()
-        leave_first.set()
-        first.join(), second.join()
-        assert seen == {"first": True, "second": True}  # still float32 after the first left
-        assert not cpu_products_are_float32()  # the user's "medium" is back
-        assert torch.get_float32_matmul_precision() == "medium"
-    finally:
-        torch.set_float32_matmul_precision(legacy)
+    first = threading.Thread(target=worker, args=("first", leave_first))
+    second = threading.Thread(target=worker, args=("second", first_left))
+    first.start(), second.start()
+    leave_first.set()
+    first.join(), second.join()
+    assert seen == {"first": "ieee", "second": "ieee"}  # still float32 after the first left
+    assert cpu_matmul_precision() != "ieee"  # the user's "medium" is back
+    assert torch.get_float32_matmul_precision() == "medium"

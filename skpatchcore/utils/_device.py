@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 _PRECISION_LOCK = threading.RLock()
-# Threads inside float32_precision and the CPU settings they found (see _cpu_float32).
+# Threads inside cpu_float32 and the CPU settings they found.
 _PIN_LOCK = threading.Lock()
 _CPU_PINS = 0
 _CPU_SAVED = None
@@ -59,49 +59,66 @@ def device_after_load(device: torch.device | str, owner: str) -> torch.device:
     return device
 
 
-def _cpu_precision_flags() -> list:
-    """torch's per-backend CPU float32 precision settings (torch >= 2.9), or []."""
-    mkldnn = torch.backends.mkldnn
-    flags = [getattr(mkldnn, "matmul", None), getattr(mkldnn, "conv", None)]
-    return [flag for flag in flags if flag is not None and hasattr(flag, "fp32_precision")]
+def _precision_flags(cuda: bool) -> list:
+    """torch's per-backend float32 precision settings and their parents (torch >= 2.9), or [].
 
-
-def cpu_products_are_float32() -> bool:
-    """Whether torch's CPU float32 matrix products run in full float32 now.
-
-    ``torch.set_float32_matmul_precision("medium")``, or ``fp32_precision =
-    "bf16"`` on ``torch.backends`` or its oneDNN parts, lets them run in
-    bfloat16 on CPUs that have it. The most specific setting that is not
-    ``"none"`` decides, as in torch.
+    A setting left at ``"none"`` follows its parent, and reads as the parent's
+    value: oneDNN's matmul and convolution follow ``torch.backends.mkldnn``,
+    CUDA's matmul ``torch.backends``, cuDNN's convolution ``torch.backends.cudnn``.
     """
-    try:
-        matmul = getattr(torch.backends.mkldnn, "matmul", None)
-        for owner in (matmul, torch.backends.mkldnn, torch.backends):
-            level = getattr(owner, "fp32_precision", "none") if owner is not None else "none"
-            if level != "none":
-                return level == "ieee"
-        return torch.get_float32_matmul_precision() == "highest"
-    except (RuntimeError, AttributeError):  # settings torch itself refuses to read
-        return False
+    backends = torch.backends
+    if cuda:
+        pairs = [(getattr(backends.cuda, "matmul", None), backends)]
+        pairs.append((getattr(backends.cudnn, "conv", None), backends.cudnn))
+    else:
+        pairs = [(getattr(backends.mkldnn, name, None), backends.mkldnn) for name in ("matmul", "conv")]
+    flags = [(flag, parent) for flag, parent in pairs if hasattr(flag, "fp32_precision")]
+    return flags if all(hasattr(parent, "fp32_precision") for _, parent in flags) else []
+
+
+def _pin(pairs: list, value: str) -> list:
+    """Set each setting of ``pairs`` to ``value``; return what puts them back.
+
+    A setting that reads as its parent's value goes back to ``"none"``, so that
+    it follows its parent again afterwards (read back literally, it would stay
+    at the parent's value of the moment for good).
+    """
+    saved = []
+    for flag, parent in pairs:
+        own = flag.fp32_precision
+        saved.append((flag, "none" if own == parent.fp32_precision else own))
+    for flag, _ in saved:
+        flag.fp32_precision = value
+    return saved
+
+
+def _unpin(saved: list) -> None:
+    for flag, value in saved:
+        flag.fp32_precision = value
 
 
 @contextlib.contextmanager
-def _cpu_float32():
-    """Hold torch's CPU products at float32 while any thread is inside.
+def cpu_float32():
+    """Hold torch's CPU products and convolutions at float32 while any thread is inside.
 
-    The first thread in saves the settings and sets float32, the last one out
-    puts them back; threads in between compute side by side (no lock held).
+    A process-wide ``torch.set_float32_matmul_precision("medium")`` (set for
+    some other model, say), or ``fp32_precision = "bf16"`` on
+    ``torch.backends`` or its oneDNN parts, runs float32 products in bfloat16
+    on CPUs that have it: heat maps moved by 4e-3 (relative) on an AMX Xeon,
+    and the coreset's error bound would not hold. The first thread in saves
+    the settings and sets float32, the last one out puts them back; threads in
+    between compute side by side (no lock held). Meanwhile, another thread's
+    products run in float32 too, and a setting changed by another thread is
+    overwritten when the last one leaves.
     """
     global _CPU_PINS, _CPU_SAVED
     with _PIN_LOCK:
         if _CPU_PINS == 0:
-            flags = _cpu_precision_flags()
-            if flags:  # torch >= 2.9: oneDNN's matmul and convolution settings
-                _CPU_SAVED = (flags, [flag.fp32_precision for flag in flags])
-                for flag in flags:
-                    flag.fp32_precision = "ieee"
+            flags = _precision_flags(cuda=False)
+            if flags:
+                _CPU_SAVED = (True, _pin(flags, "ieee"))
             else:  # older torch: one process-wide setting
-                _CPU_SAVED = (None, torch.get_float32_matmul_precision())
+                _CPU_SAVED = (False, torch.get_float32_matmul_precision())
                 torch.set_float32_matmul_precision("highest")
         _CPU_PINS += 1
     try:
@@ -110,12 +127,11 @@ def _cpu_float32():
         with _PIN_LOCK:
             _CPU_PINS -= 1
             if _CPU_PINS == 0:
-                flags, previous = _CPU_SAVED
-                if flags is None:
-                    torch.set_float32_matmul_precision(previous)
+                per_backend, saved = _CPU_SAVED
+                if per_backend:
+                    _unpin(saved)
                 else:
-                    for flag, value in zip(flags, previous):
-                        flag.fp32_precision = value
+                    torch.set_float32_matmul_precision(saved)
                 _CPU_SAVED = None
 
 
@@ -123,32 +139,36 @@ def _cpu_float32():
 def float32_precision(allow_tf32: bool = False):
     """Run convolutions and matrix products in true float32 (CUDA: unless ``allow_tf32``).
 
-    cuDNN uses TF32 for float32 convolutions by default on Ampere and newer
-    GPUs. On an H200 that moved the patch features by 3.5e-3 (relative) from
-    the CPU's, enough to move scores; true float32 matched the CPU to 5e-8.
-    TF32 runs about three times faster, so on CUDA it is the user's choice
-    (``allow_tf32``); the CUDA flags are set and restored under a lock, held
-    throughout, since two callers may want different ones.
-
-    On the CPU, a process-wide ``torch.set_float32_matmul_precision("medium")``
-    (set for some other model, say) runs float32 products in bfloat16 on CPUs
-    that have it: heat maps moved by 4e-3 (relative) on an AMX Xeon. The CPU
-    always computes in float32 here, and the user's settings are back once no
-    thread is inside (another thread's products run in float32 meanwhile).
+    On the CPU, always (:func:`cpu_float32`). cuDNN uses TF32 for float32
+    convolutions by default on Ampere and newer GPUs. On an H200 that moved the
+    patch features by 3.5e-3 (relative) from the CPU's, enough to move scores;
+    true float32 matched the CPU to 5e-8. TF32 runs about three times faster,
+    so on CUDA it is the user's choice (``allow_tf32``); the CUDA settings are
+    set and restored under a lock, held throughout, since two callers may want
+    different ones.
     """
-    with _cpu_float32():
+    with cpu_float32():
         if not torch.cuda.is_available():
             yield
             return
-        with _PRECISION_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # newer torch prefers fp32_precision; both work
-            previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cudnn.allow_tf32 = allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-            try:
-                yield
-            finally:
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+        with _PRECISION_LOCK:
+            flags = _precision_flags(cuda=True)
+            if flags:
+                saved = _pin(flags, "tf32" if allow_tf32 else "ieee")
+                try:
+                    yield
+                finally:
+                    _unpin(saved)
+                return
+            with warnings.catch_warnings():  # older torch: the allow_tf32 flags
+                warnings.simplefilter("ignore")
+                previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cudnn.allow_tf32 = allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+                try:
+                    yield
+                finally:
+                    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def as_tensor(data) -> torch.Tensor:
