@@ -47,15 +47,26 @@ _LISTED_PER_TASK = 32768
 _DENSE_FRACTION = 0.25
 
 
-def row_distances(points: np.ndarray, center: np.ndarray) -> np.ndarray:
+def row_distances(points: np.ndarray, center: np.ndarray, work=None, out=None) -> np.ndarray:
     """Euclidean distance of each row of ``points`` to ``center`` (float32).
 
     Each row's value depends only on that row and ``center``: the same row
     gives bit-identical distances whatever other rows are computed with it,
     which is what lets the fast loop reproduce the plain loop exactly.
+    ``work`` (shaped as ``points``) and ``out`` are optional buffers.
     """
-    diff = points - center
-    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    return _row_norms(np.subtract(points, center, out=work), out)
+
+
+def _row_norms(diff: np.ndarray, out=None) -> np.ndarray:
+    """The Euclidean norm of each row of ``diff``: :func:`row_distances`' arithmetic."""
+    out = np.einsum("ij,ij->i", diff, diff, out=out)
+    return np.sqrt(out, out=out)
+
+
+def _mean_start_distances(block: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Each row's mean distance to ``centers``, as the plain loop's warm start computes it."""
+    return np.stack([row_distances(block, center) for center in centers], axis=1).mean(axis=1)
 
 
 def initial_distances(points: np.ndarray, starts: np.ndarray, pool=None) -> np.ndarray:
@@ -65,25 +76,15 @@ def initial_distances(points: np.ndarray, starts: np.ndarray, pool=None) -> np.n
     releases the GIL); each row's value is the same either way.
     """
     centers = points[starts]
-
-    def block(rows):
-        return np.stack([row_distances(rows, center) for center in centers], axis=1).mean(axis=1)
-
     if pool is None:
-        return block(points)
+        return _mean_start_distances(points, centers)
     out = np.empty(len(points), dtype=np.result_type(points.dtype, np.float32))
 
     def fill(start):
-        out[start : start + _ROW_BLOCK] = block(points[start : start + _ROW_BLOCK])
+        out[start : start + _ROW_BLOCK] = _mean_start_distances(points[start : start + _ROW_BLOCK], centers)
 
     list(pool.map(fill, range(0, len(points), _ROW_BLOCK)))
     return out
-
-
-def _start_distances(points: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """:func:`initial_distances` of ``points[rows]`` alone (each row's value is the same)."""
-    block = points[rows]
-    return np.stack([row_distances(block, points[start]) for start in starts], axis=1).mean(axis=1)
 
 
 class _LazyStart:
@@ -173,7 +174,7 @@ class _LazyStart:
     def settle(self, rows: np.ndarray) -> None:
         """Make the running distances of ``rows`` (inexact ones, each once) exact."""
         if len(rows):
-            self.min_dist[rows] = _start_distances(self.points, rows, self.starts)
+            self.min_dist[rows] = _mean_start_distances(self.points[rows], self.points[self.starts])
             self.exact[rows] = True
             self.n_inexact -= len(rows)
 
@@ -213,19 +214,16 @@ class _LazyStart:
             np.minimum.at(min_dist, rows, distances)
 
 
-def _distances_to(points: np.ndarray, rows: np.ndarray | None, center: np.ndarray, pool) -> np.ndarray:
-    """:func:`row_distances` of ``points[rows]`` (all points for None), in blocks side by side."""
-    n_rows = len(points) if rows is None else len(rows)
-    if n_rows < 2 * _ROW_BLOCK:
-        return row_distances(points if rows is None else points[rows], center)
-    out = np.empty(n_rows, dtype=np.result_type(points.dtype, np.float32))
+def _distances_to(points: np.ndarray, center: np.ndarray, pool) -> np.ndarray:
+    """:func:`row_distances` of all ``points``, in blocks side by side."""
+    if len(points) < 2 * _ROW_BLOCK:
+        return row_distances(points, center)
+    out = np.empty(len(points), dtype=np.result_type(points.dtype, np.float32))
 
     def fill(start):
-        stop = start + _ROW_BLOCK
-        block = points[start:stop] if rows is None else points[rows[start:stop]]
-        out[start:stop] = row_distances(block, center)
+        out[start : start + _ROW_BLOCK] = row_distances(points[start : start + _ROW_BLOCK], center)
 
-    list(pool.map(fill, range(0, n_rows, _ROW_BLOCK)))
+    list(pool.map(fill, range(0, len(points), _ROW_BLOCK)))
     return out
 
 
@@ -255,9 +253,7 @@ def _lower_listed(points, listed, running: _LazyStart, pool, n_workers: int = 1)
                 low, high = max(bounds[entry], start), min(bounds[entry + 1], stop)
                 diff[low - start : high - start] -= points[listed[entry][0]]
                 entry += 1
-            out = distances[start:stop]
-            np.einsum("ij,ij->i", diff, diff, out=out)
-            np.sqrt(out, out=out)
+            _row_norms(diff, out=distances[start:stop])
 
     if n_tasks > 1:
         list(pool.map(run, range(n_tasks)))
@@ -379,7 +375,7 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
                 listed = []
                 for center, candidates in zip(rows, found):
                     if candidates is None:  # every point
-                        running.lower(None, _distances_to(points, None, points[center], pool))
+                        running.lower(None, _distances_to(points, points[center], pool))
                     else:
                         listed.append((center, candidates))
                 if listed:
@@ -405,7 +401,7 @@ def _plain_indices(points, min_dist, n_select, pool, progress) -> np.ndarray:
     for step in range(n_select):
         chosen = int(np.argmax(min_dist))
         selected[step] = chosen
-        np.minimum(min_dist, _distances_to(points, None, points[chosen], pool), out=min_dist)
+        np.minimum(min_dist, _distances_to(points, points[chosen], pool), out=min_dist)
         if progress is not None:
             progress.update(1)
     return selected
@@ -490,10 +486,9 @@ def _batch_picks(points, batch, values, tau, tau_index, limit) -> np.ndarray:
         if not (best > tau or (best == tau and chosen < tau_index)):
             break  # the farthest point may now lie outside the batch
         picks.append(chosen)
-        # row_distances(members, points[chosen]), into reused buffers
-        diff = np.subtract(members, members[at], out=work[: len(values)])
-        np.einsum("ij,ij->i", diff, diff, out=distances[: len(values)])
-        np.minimum(values, np.sqrt(distances[: len(values)], out=distances[: len(values)]), out=values)
+        size = len(values)
+        to_pick = row_distances(members, members[at], work=work[:size], out=distances[:size])
+        np.minimum(values, to_pick, out=values)
         # Members below tau can no longer be picked from this batch (a larger one
         # would have to come first); drop them once they are a quarter of the rows.
         alive = values >= tau
@@ -763,7 +758,7 @@ def project(vectors: np.ndarray, projection: np.ndarray) -> np.ndarray:
 
     The product runs in torch, like the loop's own products: NumPy's BLAS
     threads keep spinning for a while after a product, and that slowed the
-    loop right after it by 30-70% on 2 cores.
+    loop right after it by 30-50% on 2 cores.
     """
     points = empty_buffer((len(vectors), projection.shape[1]))
     with torch.inference_mode(), cpu_float32():

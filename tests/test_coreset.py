@@ -134,12 +134,12 @@ def test_blocked_distances_are_bit_identical_to_one_pass(monkeypatch):
     with ThreadPoolExecutor(max_workers=3) as pool:
         blocked = _coreset.initial_distances(points, starts, pool)
         rows = np.random.default_rng(4).permutation(len(points))[:1000]
-        blocked_rows = _coreset._distances_to(points, rows, points[5], pool)
+        blocked_rows = _coreset._distances_to(points[rows], points[5], pool)
     assert blocked.tobytes() == _coreset.initial_distances(points, starts).tobytes()
     assert blocked_rows.tobytes() == _coreset.row_distances(points[rows], points[5]).tobytes()
     # start distances of a few rows alone, as the lazy start works them out
     for some in (rows[:1], rows[:7], np.sort(rows)):
-        alone = _coreset._start_distances(points, some, starts)
+        alone = _coreset._mean_start_distances(points[some], points[starts])
         assert alone.tobytes() == blocked[some].tobytes()
     for fraction in (0.01, 0.2):  # the whole loop, with every exact pass in blocks
         n_select = int(len(points) * fraction)
