@@ -33,13 +33,17 @@ _UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
 _BATCH_WIDTH = 512
 _BLOCK_ROWS = 64
 _CHUNK_POINTS = 65536
-# Exact distances are computed in blocks of this many rows, one block per thread;
-# the candidates' in cache-sized pieces of _LISTED_BLOCK rows, on one thread
-# unless there are more than _LISTED_PER_TASK (threads made the gathered reads of
-# a few tens of thousands of rows no faster on 2 cores).
+# Exact distances to one centre are computed in blocks of this many rows, one
+# block per thread; setup passes run _SETUP_BLOCK rows at a time (in cache), and
+# exact distances of (point, centre) pairs in pieces of _PAIR_BLOCK pairs.
+# Candidate pairs are bounded _PAIR_CHUNK at a time, so the float64 temporaries
+# stay small however many candidates a block of centres has.
 _ROW_BLOCK = 4096
-_LISTED_BLOCK = 1024
-_LISTED_PER_TASK = 32768
+_SETUP_BLOCK = 2048
+_PAIR_BLOCK = 1024
+_PAIR_CHUNK = 65536
+# Data whose largest coordinate (after centring) lies in this range is not rescaled.
+_UNSCALED_RANGE = (2.0**-16, 2.0**16)
 # A centre whose bound cannot rule out more than this fraction of all points is
 # checked against every point (blocks of rows, nothing gathered) instead of
 # listing them: early on, when running distances are large, such lists of a
@@ -87,33 +91,48 @@ def initial_distances(points: np.ndarray, starts: np.ndarray, pool=None) -> np.n
     return out
 
 
-class _LazyStart:
-    """Start distances known to an interval until a row's exact value is needed.
+class _Running:
+    """The running distances, each known to an interval until its exact value is needed.
 
-    The plain loop starts from every point's mean distance to the start points:
-    ``len(starts)`` exact passes over all points. Most of those values are
-    never looked at exactly: a point's running distance only needs to be exact
-    when it may be among the farthest (the batch and ``tau``), or when a new
-    centre's exact distance falls between the interval's ends. Everywhere else
-    ``hi`` serves (the candidates' bound only needs an upper end) and the
-    point's value is exact from the first distance below ``lo`` on.
+    The plain loop keeps, for every point, ``m`` = the minimum of its start
+    distance (the mean distance to the start points) and its distances to the
+    selected centres, each an exact float32 value. Only a point that may be
+    among the farthest (the next batch, and ``tau``) needs ``m`` exactly; the
+    candidates' bound only needs an upper end. So a contribution is first known
+    to an interval, from products the loop makes anyway: the start distances
+    from one small product (:meth:`bounds`), a centre's distance from the
+    candidates' own bound (:meth:`_Bound.intervals`). Its exact value is worked
+    out, with the plain loop's arithmetic, only when its point must be exact
+    (:meth:`settle`) and only if the interval says it may still be the minimum.
 
-    ``lo`` and ``hi`` come from one small matrix product against the start
-    points, with the same float32 error analysis as the candidates' bound
-    (see :meth:`bounds`). ``min_dist`` holds the exact value where ``exact``
-    and ``hi`` elsewhere.
+    ``min_dist`` holds ``m`` where ``exact`` and an upper end elsewhere, ``lo`` a
+    lower end (``m`` where exact). ``base`` is the minimum of the contributions
+    already worked out exactly; the others wait in a log of (point, centre,
+    lower end), or, for the start distance, in ``start_pending`` with its lower
+    end ``start_lo``. ``m`` is the minimum of ``base`` and the waiting values:
+    pairs left out of the log were proven to be no lower than ``m`` was then.
     """
 
     def __init__(self, points, starts, min_dist=None):
         """Exact start distances ``min_dist`` if given; else call :meth:`bound`."""
         self.points, self.starts = points, starts
-        self.min_dist, self.lo = min_dist, min_dist
-        self.exact = np.ones(len(points), dtype=bool)
+        n_points = len(points)
+        self.min_dist, self.lo = min_dist, None if min_dist is None else min_dist.copy()
+        self.base = None if min_dist is None else min_dist.copy()
+        self.exact = np.ones(n_points, dtype=bool)
+        self.start_pending = np.zeros(n_points, dtype=bool)
+        self.start_lo = None
         self.n_inexact = 0
+        self._log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def bound(self, augmented, sq_norms, scale, gamma, slack, floor) -> None:
         """Start from intervals (no exact start distance yet); see :meth:`bounds`."""
-        self.lo, self.min_dist = self.bounds(augmented, sq_norms, self.starts, scale, gamma, slack, floor)
+        self.start_lo, self.min_dist = self.bounds(
+            augmented, sq_norms, self.starts, scale, gamma, slack, floor
+        )
+        self.lo = self.start_lo.copy()
+        self.base = np.full(len(self.exact), np.inf, dtype=np.float32)
+        self.start_pending[:] = True
         self.exact[:] = False
         self.n_inexact = len(self.exact)
 
@@ -131,9 +150,9 @@ class _LazyStart:
         and ``8 u (|x| + |c|)^2`` that of the centring (which moves a distance
         by at most u (|x| + |c|)); ``slack`` and ``floor`` cover the plain
         loop's own float32 distance, as in the bound. The ends'
-        square roots and their means over the k starts are float32 sums of
-        positive numbers, within 2 (k + 2) u (relative); the ends are then
-        rounded outwards.
+        square roots and their means over the k starts (one product with
+        float32 weights) are float32 sums of positive numbers, within
+        2 (k + 2) u (relative); the ends are then rounded outwards.
         """
         k, n_dims = len(starts), augmented.shape[1] - 2
         u = _UNIT_ROUNDOFF
@@ -156,9 +175,14 @@ class _LazyStart:
         # time, so the 2k values per row never all exist at once.
         right, constant = right.astype(np.float32), constant.astype(np.float32)
         margin = 2 * (k + 2) * u
-        up, down = np.float32((1.0 + margin) / scale), np.float32((1.0 - margin) / scale)
+        # The means, times (1 +- margin) / scale, as one more small product: columns
+        # of weights (1 + margin) / (scale k) for the upper ends, (1 - margin) / (scale k)
+        # for the lower ones (each rounded to float32: u more, within the margin).
+        weights = np.zeros((2 * k, 2), dtype=np.float32)
+        weights[:k, 0] = (1.0 + margin) / (scale * k)
+        weights[k:, 1] = (1.0 - margin) / (scale * k)
         n_points = len(augmented)
-        lo, hi = np.empty(n_points, dtype=np.float32), np.empty(n_points, dtype=np.float32)
+        ends = np.empty((n_points, 2), dtype=np.float32)
         squared = np.empty((min(n_points, _CHUNK_POINTS), 2 * k), dtype=np.float32)
         for start in range(0, n_points, _CHUNK_POINTS):
             stop = min(start + _CHUNK_POINTS, n_points)
@@ -166,17 +190,37 @@ class _LazyStart:
             _torch_product(augmented[start:stop], right, out=part)
             part += constant
             np.maximum(part, 0.0, out=part)
-            ends = np.sqrt(part, out=part).reshape(stop - start, 2, k).mean(axis=2)
-            np.multiply(ends[:, 0], up, out=hi[start:stop])
-            np.multiply(ends[:, 1], down, out=lo[start:stop])
+            _torch_product(np.sqrt(part, out=part), weights, out=ends[start:stop])
+        hi, lo = ends.T
         return np.nextafter(lo, np.float32(-np.inf)).clip(0.0), np.nextafter(hi, np.float32(np.inf))
 
     def settle(self, rows: np.ndarray) -> None:
         """Make the running distances of ``rows`` (inexact ones, each once) exact."""
-        if len(rows):
-            self.min_dist[rows] = _mean_start_distances(self.points[rows], self.points[self.starts])
-            self.exact[rows] = True
-            self.n_inexact -= len(rows)
+        if not len(rows):
+            return
+        hi, base = self.min_dist, self.base
+        # A waiting value whose lower end is above the upper end of m cannot be m.
+        pending = rows[self.start_pending[rows]]
+        if len(pending):
+            alive = pending[self.start_lo[pending] <= hi[pending]]
+            if len(alive):
+                start = _mean_start_distances(self.points[alive], self.points[self.starts])
+                base[alive] = np.minimum(base[alive], start)
+            self.start_pending[pending] = False
+        if self._log:
+            points, centres, lows = (np.concatenate(parts) for parts in zip(*self._log))
+            listed = np.zeros(len(hi), dtype=bool)
+            listed[rows] = True
+            listed = listed[points]
+            alive = lows <= hi[points]
+            now = listed & alive
+            if now.any():
+                np.minimum.at(base, points[now], _pair_distances(self.points, points[now], centres[now]))
+            keep = ~listed & alive  # dead entries go too
+            self._log = [(points[keep], centres[keep], lows[keep])] if keep.any() else []
+        hi[rows] = self.lo[rows] = base[rows]
+        self.exact[rows] = True
+        self.n_inexact -= len(rows)
 
     def settle_farthest(self, width: int) -> None:
         """Make exact every point that may be among the ``width + 1`` farthest."""
@@ -193,25 +237,118 @@ class _LazyStart:
         cutoff = np.partition(lower, n_points - width - 1)[n_points - width - 1]
         self.settle(np.flatnonzero(inexact & (self.min_dist >= cutoff)))
 
-    def lower(self, rows, distances) -> None:
-        """``min_dist[rows] = min(min_dist[rows], distances)`` (rows may repeat; None: all)."""
-        min_dist = self.min_dist
-        if self.n_inexact:
-            exact = self.exact if rows is None else self.exact[rows]
-            lo = self.lo if rows is None else self.lo[rows]
-            current = min_dist if rows is None else min_dist[rows]
-            # Between the ends, the exact start distance decides: work it out first.
-            unsure = ~exact & (distances >= lo) & (distances < current)
-            if unsure.any():
-                self.settle(np.flatnonzero(unsure) if rows is None else np.unique(rows[unsure]))
-            below = ~exact & (distances < lo)  # the new distance is the value, exactly
-            if below.any():
-                self.exact[below if rows is None else rows[below]] = True
-                self.n_inexact = len(self.exact) - int(np.count_nonzero(self.exact))
-        if rows is None:
-            np.minimum(min_dist, distances, out=min_dist)
-        else:
-            np.minimum.at(min_dist, rows, distances)
+    def lower_exact(self, distances) -> None:
+        """Lower every point's value with exact ``distances`` (one per point)."""
+        # A distance below the lower end is the new value, exactly.
+        self.exact |= distances < self.lo
+        for values in (self.base, self.min_dist, self.lo):
+            np.minimum(values, distances, out=values)
+        self.n_inexact = len(self.exact) - int(np.count_nonzero(self.exact))
+
+    def lower_pairs(self, rows, centres, lows, highs) -> None:
+        """Lower ``rows`` with distances to ``centres`` known to ``[lows, highs]`` (rows may repeat)."""
+        useful = lows < self.min_dist[rows]  # else no lower than m: left out
+        if not useful.all():
+            rows, centres, lows, highs = rows[useful], centres[useful], lows[useful], highs[useful]
+        if not len(rows):
+            return
+        np.minimum.at(self.min_dist, rows, highs)
+        np.minimum.at(self.lo, rows, lows)
+        self.exact[rows] = False
+        self.n_inexact = len(self.exact) - int(np.count_nonzero(self.exact))
+        self._log.append((rows, centres, lows))
+
+
+def _pair_distances(points: np.ndarray, rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Exact distance of each ``points[rows[k]]`` to ``points[centres[k]]``, as :func:`row_distances`."""
+    out = np.empty(len(rows), dtype=np.float32)
+    size = min(_PAIR_BLOCK, len(rows))
+    work = np.empty((size, points.shape[1]), dtype=points.dtype)
+    other = np.empty_like(work)
+    for start in range(0, len(rows), size):
+        stop = min(start + size, len(rows))
+        # take(mode="clip") fills the buffers in place (the indices are valid).
+        diff = np.take(points, rows[start:stop], axis=0, out=work[: stop - start], mode="clip")
+        diff -= np.take(points, centres[start:stop], axis=0, out=other[: stop - start], mode="clip")
+        _row_norms(diff, out=out[start:stop])
+    return out
+
+
+class _Bound:
+    """The candidates' bound (see :func:`_candidates`): its augmented rows and per-point terms.
+
+    ``augmented`` rows are ``[x, sqrt(gamma) |x|, c]`` with ``x`` the centred,
+    scaled point and ``c`` the last column, set for each batch by :meth:`aim`.
+    """
+
+    def __init__(self, augmented, sq_norms, scale, gamma, slack, floor):
+        n_points, n_dims = augmented.shape[0], augmented.shape[1] - 2
+        self.augmented, self.sq_norms, self.n_dims = augmented, sq_norms, n_dims
+        self.scale, self.gamma, self.slack, self.floor = scale, gamma, slack, floor
+        self.roots = np.sqrt(gamma * sq_norms)
+        augmented[:, n_dims] = self.roots
+        self.norms = np.sqrt(sq_norms)
+        self.half_center = 0.5 * (1.0 - gamma) * sq_norms
+        self._shrunk = (1.0 - gamma) * sq_norms
+        self.column = np.empty(n_points, dtype=np.float32)
+        u = _UNIT_ROUNDOFF
+        self._size_margin = np.float32(4.0 * (n_dims + 2) * u * (1.0 + gamma) + 8.0 * u)
+        self._column_margin = np.float32(4.0 * (n_dims + 2) * u)
+
+    def aim(self, min_dist) -> None:
+        """Set the last column to ``-half_point`` for running distances ``min_dist`` (upper ends).
+
+        Point i is a candidate for centre s when <a_i, a_s> - half_point_i >
+        half_center_s, i.e. when |x_i - x_s|^2 minus the margin is below
+        (m_i (1 + slack))^2; the centre's row has 1 in the last column, so the
+        product subtracts half_point_i.
+        """
+        column = self.column
+        scaled = min_dist * np.float32(self.scale)  # exact: a power of two
+        # Worked out in a contiguous array, then written to the strided column once.
+        np.square(np.multiply(scaled, 1.0 + self.slack, out=scaled), out=column)
+        column -= self._shrunk
+        column *= 0.5
+        column += self.floor
+        self.augmented[:, self.n_dims + 1] = column
+
+    def intervals(self, values, rows, centres):
+        """Float32 ``lo <= d <= hi`` for the plain loop's distance ``d`` of each candidate pair.
+
+        ``values`` are the candidates' bound entries (see :func:`_candidates`):
+        the float32 product ``v`` of a point's row ``[x_i, r_i, c_i]`` with a
+        centre's ``[x_s, r_s, 1]``, where ``r = sqrt(gamma) |x|``. So
+        ``|x_i - x_s|^2 = |x_i|^2 + |x_s|^2 - 2 v + 2 r_i r_s + 2 c_i``, up to
+        rounding: the product's, at most (d + 2) u times the sum of its terms'
+        sizes, itself below 0.25 (1 + gamma) (|x_i| + |x_s|)^2 + |c_i|, and each
+        squared norm's, d u times itself. The margin ``4 (d + 2) u ((1 + gamma)
+        (|x_i| + |x_s|)^2 + |c_i|)`` covers these twice over (its own float32
+        arithmetic, and that of ``r_i r_s``, a few u of it), ``8 u (|x_i| +
+        |x_s|)^2`` the centring (as in :meth:`_Running.bounds`); ``(1 +- slack)^2``
+        and ``2 floor`` cover the plain loop's own float32 distance and
+        subnormal products. The estimate and the ends are worked out in
+        float64 and rounded outwards to float32.
+        """
+        column = self.column[rows]
+        estimate = np.add(self.sq_norms[rows], self.sq_norms[centres], dtype=np.float64)
+        estimate -= 2.0 * values  # (doubling a float32 is exact)
+        estimate += 2.0 * column
+        estimate += 2.0 * (self.roots[rows] * self.roots[centres])
+        size = self.norms[rows] + self.norms[centres]
+        size *= size
+        margin = self._size_margin * size
+        margin += self._column_margin * np.abs(column)
+        ends = []
+        for sign in (1.0, -1.0):
+            end = np.add(estimate, sign * margin)  # float64
+            end *= (1.0 + sign * self.slack) ** 2
+            end += sign * 2.0 * self.floor
+            np.sqrt(np.maximum(end, 0.0, out=end), out=end)
+            if self.scale != 1.0:
+                end /= self.scale
+            ends.append(end.astype(np.float32))
+        hi, lo = ends
+        return np.nextafter(lo, np.float32(-np.inf)).clip(0.0), np.nextafter(hi, np.float32(np.inf))
 
 
 def _distances_to(points: np.ndarray, center: np.ndarray, pool) -> np.ndarray:
@@ -225,41 +362,6 @@ def _distances_to(points: np.ndarray, center: np.ndarray, pool) -> np.ndarray:
 
     list(pool.map(fill, range(0, len(points), _ROW_BLOCK)))
     return out
-
-
-def _lower_listed(points, listed, running: _LazyStart, pool, n_workers: int = 1) -> None:
-    """Lower the running distances with the exact distances of each (centre, candidates) pair.
-
-    All pairs are computed together, in blocks of rows side by side, each row
-    as :func:`row_distances` computes it (the same bits); the minima are then
-    taken all at once (exact, in any order).
-    """
-    rows = np.concatenate([candidates for _, candidates in listed])
-    bounds = np.cumsum([0] + [len(candidates) for _, candidates in listed])
-    distances = np.empty(len(rows), dtype=np.float32)
-    n_tasks = min(n_workers if pool is not None else 1, -(-len(rows) // _LISTED_PER_TASK))
-    edges = np.linspace(0, len(rows), n_tasks + 1).astype(np.int64)
-
-    def run(task):
-        # One work buffer per task, reused; take(mode="clip") fills it in place (the
-        # indices are valid; the default mode would copy through a temporary).
-        first, last = int(edges[task]), int(edges[task + 1])
-        work = np.empty((min(_LISTED_BLOCK, last - first), points.shape[1]), dtype=points.dtype)
-        for start in range(first, last, len(work)):
-            stop = min(start + len(work), last)
-            diff = np.take(points, rows[start:stop], axis=0, out=work[: stop - start], mode="clip")
-            entry = int(np.searchsorted(bounds, start, side="right")) - 1
-            while bounds[entry] < stop:  # the centres of these rows, a run of rows each
-                low, high = max(bounds[entry], start), min(bounds[entry + 1], stop)
-                diff[low - start : high - start] -= points[listed[entry][0]]
-                entry += 1
-            _row_norms(diff, out=distances[start:stop])
-
-    if n_tasks > 1:
-        list(pool.map(run, range(n_tasks)))
-    elif n_tasks:
-        run(0)
-    running.lower(rows, distances)
 
 
 def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, progress=None) -> np.ndarray:
@@ -279,23 +381,25 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
        alone, so every pick of the batch is known before any work on the
        other points.
     3. For the picks, one matrix product gives every point's squared distance
-       to them, up to a proven float32 error bound. A point needs its exact
-       distance to a pick only if that bound says it *might* be closer than
-       its ``m``; all others provably keep their ``m``.
-    4. Exact distances of those few candidates use :func:`row_distances`'s
-       arithmetic, the plain loop's own, so the running distances stay
-       bit-identical to the plain loop's and so do the selected indices.
-
+       to them, up to a proven float32 error bound. A pick can lower a point's
+       ``m`` only if that bound says it *might* be closer; all other points
+       provably keep their ``m``.
+    4. The same product entry also bounds the candidate's distance from both
+       sides, to a few 1e-4 (relative). The running distances are kept as
+       intervals (:class:`_Running`): a point's ``m`` is worked out exactly,
+       with :func:`row_distances`' arithmetic (the plain loop's own), only when
+       the point may be among the ``_BATCH_WIDTH + 1`` farthest, and then only
+       from the distances whose intervals say they may be its minimum. So the
+       running distances the batches use are bit-identical to the plain
+       loop's, and so are the selected indices.
     5. The start distances (each point's mean distance to the start points,
-       ``len(starts)`` exact passes in the plain loop) are first known only to
-       within a few 1e-4 (relative), from one more small product. A point's exact
-       start distance is worked out only where it can matter: when the point
-       may be among the ``_BATCH_WIDTH + 1`` farthest, or when a pick's exact
-       distance to it falls inside its interval (:class:`_LazyStart`).
+       ``len(starts)`` exact passes in the plain loop) are bounded the same
+       way, from one more small product, and worked out only where needed.
 
-    So each selected point costs one bound row (a row of a matrix product)
-    plus exact distances for the candidates: on the patch features of one
-    MVTec-style category, a few hundred per selected point.
+    So each selected point costs one bound row (a row of a matrix product),
+    an interval for each of its candidates (a few hundred per selected point
+    on the patch features of one MVTec-style category) and exact distances for
+    the few points that reach the top of the running distances.
     """
     points = np.ascontiguousarray(points, dtype=np.float32)  # as the plain loop: float32 distances
     n_points, n_dims = points.shape
@@ -317,17 +421,21 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         # ~4096 rows spread over the data, at a fraction of a full pass.
         mean = points[:: max(1, n_points // 4096)].mean(axis=0, dtype=np.float64).astype(np.float32)
 
-        def subtract(part):
-            np.subtract(points[part], mean, out=centered[part])
-            return centered[part].max(initial=-np.inf), -centered[part].min(initial=np.inf)
+        sq_norms = np.empty(n_points, dtype=np.float32)
 
-        # Scaled by a power of two (exactly) so the largest coordinate is in [0.5, 1):
-        # squares can neither overflow nor, for all but far-out data, fall to
-        # subnormals, as the rounding bound needs. Where that is impossible
-        # (differences that overflow, or all of them below 2^-100, where even
-        # the plain loop's squares are mostly rounding) the plain loop runs.
+        def subtract(part):
+            # A cache-sized block at a time: its extremes and squared norms are
+            # read while it is still in cache.
+            largest = -np.inf
+            for start in range(part.start, part.stop, _SETUP_BLOCK):
+                stop = min(start + _SETUP_BLOCK, part.stop)
+                block = np.subtract(points[start:stop], mean, out=centered[start:stop])
+                largest = np.maximum(largest, np.maximum(block.max(), -block.min()))  # NaN stays NaN
+                np.einsum("ij,ij->i", block, block, out=sq_norms[start:stop])
+            return largest
+
         largest = float(np.max(list(pool.map(subtract, parts)))) if n_points else 0.0  # NaN stays NaN
-        # Start distances are worked out lazily (_LazyStart) for data of ordinary
+        # Start distances are worked out lazily (_Running) for data of ordinary
         # magnitude, where no distance can overflow; otherwise all of them first.
         lazy = bool(np.isfinite(largest)) and 2.0**-60 < largest and 4.0 * n_dims * largest**2 < 2.0**120
         min_dist = None
@@ -335,51 +443,51 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
             min_dist = initial_distances(points, starts, pool).astype(np.float32)
             if not (np.isfinite(largest) and np.isfinite(min_dist).all()) or 0.0 < largest < 2.0**-100:
                 return _plain_indices(points, min_dist, n_select, pool, progress)
-        scale = 2.0 ** -math.frexp(largest)[1] if largest > 0 else 1.0
-        sq_norms = np.empty(n_points, dtype=np.float32)
+        # The bound's rounding analysis needs squares that can neither overflow nor,
+        # for all but far-out coordinates, fall to subnormals (the floor below covers
+        # those). Data whose largest coordinate is far from 1 is scaled by a power of
+        # two (exactly) to bring it into [0.5, 1); where the plain loop's own squares
+        # would be mostly rounding (all differences below 2^-100) it runs instead.
+        scale = 1.0
+        if not _UNSCALED_RANGE[0] <= largest < _UNSCALED_RANGE[1]:
+            scale = 2.0 ** -math.frexp(largest)[1] if largest > 0 else 1.0
 
-        def rescale(part):
-            centered[part] *= np.float32(scale)
-            np.einsum("ij,ij->i", centered[part], centered[part], out=sq_norms[part])
+            def rescale(part):
+                for start in range(part.start, part.stop, _SETUP_BLOCK):
+                    stop = min(start + _SETUP_BLOCK, part.stop)
+                    block = centered[start:stop]
+                    block *= np.float32(scale)
+                    np.einsum("ij,ij->i", block, block, out=sq_norms[start:stop])
 
-        list(pool.map(rescale, parts))
+            list(pool.map(rescale, parts))
         # Absolute floors, where rounding errors are absolute rather than relative:
         # products of the bound that fall to subnormals, and the exact distances'
         # own squares where the raw differences are that small (only for data of
         # about 1e-19 and below; in scaled units, where it then dominates).
         floor = 4 * (n_dims + 2) * tiny + min(1e30, (n_dims + 1) * tiny * scale * scale)
-        augmented[:, n_dims] = np.sqrt(gamma * sq_norms)
-        running = _LazyStart(points, starts, min_dist)
+        bound = _Bound(augmented, sq_norms, scale, gamma, slack, floor)
+        running = _Running(points, starts, min_dist)
         if lazy:
             augmented[:, n_dims + 1] = sq_norms  # until the first batch
             running.bound(augmented, sq_norms, scale, gamma, slack, floor)
         min_dist = running.min_dist
-        half_center = 0.5 * (1.0 - gamma) * sq_norms
-        work = empty_buffer((_BLOCK_ROWS, min(_CHUNK_POINTS, n_points)), populate=False)  # partly used
+        work = empty_buffer((_BLOCK_ROWS, min(_CHUNK_POINTS, n_points)))
         selected = np.empty(n_select, dtype=np.int64)
         count = 0
         while count < n_select:
             running.settle_farthest(min(_BATCH_WIDTH, n_points))
             batch, tau, tau_index = _farthest_batch(min_dist, min(_BATCH_WIDTH, n_points))
             chosen = _batch_picks(points, batch, min_dist[batch], tau, tau_index, n_select - count)
-            # Point i is a candidate for centre s when  <a_i, a_s> - half_point_i > half_center_s,
-            # i.e. when |x_i - x_s|^2 minus the margin is below (m_i (1 + slack))^2; the last
-            # column holds -half_point, so the product subtracts it.
-            scaled = min_dist * np.float32(scale)  # exact: a power of two
-            augmented[:, n_dims + 1] = np.square(scaled * (1.0 + slack)) - (1.0 - gamma) * sq_norms
-            augmented[:, n_dims + 1] *= 0.5
-            augmented[:, n_dims + 1] += floor
+            bound.aim(min_dist)
             for start in range(0, len(chosen), _BLOCK_ROWS):
                 rows = chosen[start : start + _BLOCK_ROWS]
-                found = _candidates(rows, augmented, half_center, work, pool)
-                listed = []
-                for center, candidates in zip(rows, found):
-                    if candidates is None:  # every point
-                        running.lower(None, _distances_to(points, points[center], pool))
-                    else:
-                        listed.append((center, candidates))
-                if listed:
-                    _lower_listed(points, listed, running, pool, n_workers)
+                dense, listed, centres, values = _candidates(rows, augmented, bound.half_center, work)
+                for center in rows[dense]:  # checked against every point
+                    running.lower_exact(_distances_to(points, points[center], pool))
+                for first in range(0, len(listed), _PAIR_CHUNK):
+                    pairs = slice(first, first + _PAIR_CHUNK)
+                    lows, highs = bound.intervals(values[pairs], listed[pairs], centres[pairs])
+                    running.lower_pairs(listed[pairs], centres[pairs], lows, highs)
             selected[count : count + len(chosen)] = chosen
             count += len(chosen)
             if progress is not None:
@@ -407,8 +515,8 @@ def _plain_indices(points, min_dist, n_select, pool, progress) -> np.ndarray:
     return selected
 
 
-def _candidates(rows, augmented, half_center, work, pool=None) -> list[np.ndarray | None]:
-    """For each centre in ``rows``: the points its bound cannot rule out, as sorted indices.
+def _candidates(rows, augmented, half_center, work):
+    """For each centre in ``rows``: the points its bound cannot rule out.
 
     ``augmented`` rows are [x_i, sqrt(gamma) |x_i|, -half_point_i], where x_i is
     point i minus the mean, times the power of two that brings the largest
@@ -427,43 +535,41 @@ def _candidates(rows, augmented, half_center, work, pool=None) -> list[np.ndarra
     products (and of the plain loop's own squares) that fall to subnormal
     numbers. So every point whose exact float32 distance can fall below m_i
     is listed.
-    None stands for "too many to list" (over ``_DENSE_FRACTION`` of the
-    points): the caller then checks every point. ``work`` holds the products.
+
+    Returns ``(dense, points, centres, values)``: ``dense[k]`` marks the centres
+    ``rows[k]`` with too many to list (over ``_DENSE_FRACTION`` of the points),
+    which the caller checks against every point; the other centres' (point,
+    centre) pairs come as flat arrays, with their product entries ``values``
+    (from which :meth:`_Bound.intervals` bounds the pair's distance). ``work``
+    holds the products.
     """
-    # The product (see _torch_product) goes into the reused ``work`` buffer; the
-    # comparison and listing run half of the rows per thread.
+    # The product (see _torch_product) goes into the reused ``work`` buffer. The
+    # listing runs on this thread: split over the pool it was slower on 2 cores.
     n_points = len(augmented)
     index_dtype = np.int32 if n_points < 2**31 else np.int64
     dense_limit = int(_DENSE_FRACTION * n_points)
     left = augmented[rows]  # a copy
     left[:, -1] = 1.0
     thresholds = half_center[rows][:, None]
-    found: list[list[np.ndarray] | None] = [[] for _ in rows]
-    counts = [0] * len(rows)
-    n_parts = 1 if pool is None or len(rows) < 2 else 2
-    parts = np.array_split(np.arange(len(rows)), n_parts)
+    counts = np.zeros(len(rows), dtype=np.int64)
+    dense = np.zeros(len(rows), dtype=bool)
+    pieces = []
     for start in range(0, n_points, _CHUNK_POINTS):
         chunk = augmented[start : start + _CHUNK_POINTS]
         width = len(chunk)
         bounds = work.reshape(-1)[: len(rows) * width].reshape(len(rows), width)
         _torch_product(left, chunk.T, out=bounds)
-
-        def hits(part, bounds=bounds, width=width, start=start):
-            flat = np.flatnonzero(bounds[part[0] : part[-1] + 1] > thresholds[part[0] : part[-1] + 1])
-            local_rows = flat // width
-            cols = (flat - local_rows * width + start).astype(index_dtype)
-            return np.split(cols, np.searchsorted(local_rows, np.arange(1, len(part))))
-
-        listed = list(pool.map(hits, parts)) if n_parts > 1 else [hits(parts[0])]
-        for row, cols in enumerate(cols for part in listed for cols in part):
-            if found[row] is None:
-                continue
-            counts[row] += len(cols)
-            if counts[row] > dense_limit:
-                found[row] = None
-            else:
-                found[row].append(cols)
-    return [None if parts is None else np.concatenate(parts) for parts in found]
+        flat = np.flatnonzero(bounds > thresholds)
+        local = flat // width
+        cols = (flat - local * width + start).astype(index_dtype)
+        pieces.append((local, cols, np.take(bounds.reshape(-1), flat)))
+        counts += np.bincount(local, minlength=len(rows))
+        newly = (counts > dense_limit) & ~dense
+        if newly.any():  # their lists go: the memory stays at most that of the points
+            dense |= newly
+            pieces = [[part[~dense[found[0]]] for part in found] for found in pieces]
+    local, cols, values = (np.concatenate(part) for part in zip(*pieces))
+    return dense, cols, rows[local].astype(index_dtype), values
 
 
 def _batch_picks(points, batch, values, tau, tau_index, limit) -> np.ndarray:
@@ -472,8 +578,9 @@ def _batch_picks(points, batch, values, tau, tau_index, limit) -> np.ndarray:
     ``values`` are the batch's running distances. While the farthest of them
     beats ``tau`` (the largest running distance outside the batch, which can
     only have fallen since), it is the next pick; the batch's own distances are
-    then lowered with :func:`row_distances`, bit for bit as the full update
-    would lower them. The rest of the points are not needed to know the picks.
+    then lowered with :func:`row_distances`' arithmetic, bit for bit as the
+    full update would lower them. The rest of the points are not needed to
+    know the picks.
     """
     order = np.argsort(batch)  # by index, so argmax breaks ties as the plain loop's argmax
     batch, values = batch[order], values[order]
@@ -487,8 +594,8 @@ def _batch_picks(points, batch, values, tau, tau_index, limit) -> np.ndarray:
             break  # the farthest point may now lie outside the batch
         picks.append(chosen)
         size = len(values)
-        to_pick = row_distances(members, members[at], work=work[:size], out=distances[:size])
-        np.minimum(values, to_pick, out=values)
+        np.subtract(members, members[at], out=work[:size])
+        np.minimum(values, _row_norms(work[:size], out=distances[:size]), out=values)
         # Members below tau can no longer be picked from this batch (a larger one
         # would have to come first); drop them once they are a quarter of the rows.
         alive = values >= tau

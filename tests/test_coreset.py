@@ -129,8 +129,8 @@ def test_blocked_distances_are_bit_identical_to_one_pass(monkeypatch):
     points = clustered_points(2500, 24, seed=7)
     starts = np.random.default_rng(3).choice(len(points), 10, replace=False)
     monkeypatch.setattr(_coreset, "_ROW_BLOCK", 97)  # uneven blocks, a short last one
-    monkeypatch.setattr(_coreset, "_LISTED_BLOCK", 37)  # candidates: pieces cut inside a centre's run
-    monkeypatch.setattr(_coreset, "_LISTED_PER_TASK", 100)  # ... split over the threads
+    monkeypatch.setattr(_coreset, "_PAIR_BLOCK", 37)  # exact pair distances: uneven pieces
+    monkeypatch.setattr(_coreset, "_PAIR_CHUNK", 101)  # candidate pairs bounded a few at a time
     with ThreadPoolExecutor(max_workers=3) as pool:
         blocked = _coreset.initial_distances(points, starts, pool)
         rows = np.random.default_rng(4).permutation(len(points))[:1000]
@@ -164,8 +164,8 @@ def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, 
         np.testing.assert_array_equal(
             greedy_indices_cpu(points, n_select, starts), greedy_coreset(points, n_select, starts)
         )
-    n_dense = sum(v is None for found in seen for v in found)
-    n_listed = sum(v is not None for found in seen for v in found)
+    n_dense = sum(int(found[0].sum()) for found in seen)
+    n_listed = sum(int((~found[0]).sum()) for found in seen)
     if dense_fraction == 0.0:
         assert n_listed == 0
     elif dense_fraction == 1.0:
@@ -178,13 +178,13 @@ def _recorded_start_intervals(monkeypatch, points, starts):
     from skpatchcore import _coreset
 
     seen = []
-    real = _coreset._LazyStart.bound
+    real = _coreset._Running.bound
 
     def record(self, *args):
         real(self, *args)
-        seen.append((self.lo.copy(), self.min_dist.copy()))
+        seen.append((self.start_lo.copy(), self.min_dist.copy()))
 
-    monkeypatch.setattr(_coreset._LazyStart, "bound", record)
+    monkeypatch.setattr(_coreset._Running, "bound", record)
     greedy_indices_cpu(points, 1, starts)
     return seen
 
@@ -228,7 +228,7 @@ def test_start_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
     (most points settled on the way), zero-width ones and a low end of 0 all keep the indices."""
     from skpatchcore import _coreset
 
-    real = _coreset._LazyStart.bounds
+    real = _coreset._Running.bounds
     settled, exact = [], {}
 
     def bounds(*args):
@@ -239,10 +239,10 @@ def test_start_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
             return np.zeros_like(lo), hi
         return exact["starts"], exact["starts"].copy()  # zero width, on the exact value
 
-    monkeypatch.setattr(_coreset._LazyStart, "bounds", staticmethod(bounds))
-    real_settle = _coreset._LazyStart.settle
+    monkeypatch.setattr(_coreset._Running, "bounds", staticmethod(bounds))
+    real_settle = _coreset._Running.settle
     monkeypatch.setattr(
-        _coreset._LazyStart, "settle", lambda self, rows: settled.append(len(rows)) or real_settle(self, rows)
+        _coreset._Running, "settle", lambda self, rows: settled.append(len(rows)) or real_settle(self, rows)
     )
     for points in (
         clustered_points(2500, 16, seed=12),
@@ -258,36 +258,142 @@ def test_start_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
         assert sum(settled) > 2000  # many points needed their exact start distance
 
 
-def test_lazy_start_lowering_gives_the_running_minimum_once_settled():
-    """Whatever pairs arrive (repeated rows, distances inside, below and above the
-    intervals, all points at once), a point's value is exact as soon as it is marked so,
-    and settling the rest gives the plain running minimum, bit for bit."""
+def _exact_pair_distances(points, rows, centres):
+    """The plain loop's distance of each pair, one pair at a time."""
+    from skpatchcore._coreset import row_distances
+
+    return np.array(
+        [row_distances(points[r : r + 1], points[c])[0] for r, c in zip(rows, centres)], np.float32
+    )
+
+
+def test_running_distances_give_the_running_minimum_once_settled(monkeypatch):
+    """Whatever arrives (pairs with repeated rows and wide, zero-width or open-ended
+    intervals; all points' exact distances at once; settling along the way), a point's
+    value is exact as soon as it is marked so, its interval always holds the plain
+    running minimum, and settling gives that minimum bit for bit."""
     from skpatchcore import _coreset
 
     points = clustered_points(600, 8, seed=13)
     starts = np.arange(10)
     start = _coreset.initial_distances(points, starts).astype(np.float32)
-    running = _coreset._LazyStart(points, starts)
-    running.lo, running.min_dist = start * np.float32(0.9), start * np.float32(1.1)
-    running.exact = np.zeros(len(points), dtype=bool)
-    running.n_inexact = len(points)
+    wide = (start * np.float32(0.9), start * np.float32(1.1))
+    monkeypatch.setattr(
+        _coreset._Running, "bounds", staticmethod(lambda *args: (wide[0].copy(), wide[1].copy()))
+    )
+    running = _coreset._Running(points, starts)
+    running.bound(None, None, None, None, None, None)
     truth = start.copy()
     rng = np.random.default_rng(14)
-    for step in range(12):
+    for step in range(16):
+        centre = int(rng.integers(len(points)))
         if step == 6:  # every point at once, as a centre checked densely
-            rows, distances = None, start * rng.uniform(0.85, 1.3, len(points)).astype(np.float32)
+            distances = _coreset.row_distances(points, points[centre])
             np.minimum(truth, distances, out=truth)
+            running.lower_exact(distances)
         else:
             rows = rng.integers(0, len(points), 80)  # repeats included
-            distances = start[rows] * rng.uniform(0.8, 1.2, len(rows)).astype(np.float32)
+            centres = np.where(rng.random(80) < 0.5, centre, rng.integers(0, len(points), 80))
+            distances = _exact_pair_distances(points, rows, centres)
             np.minimum.at(truth, rows, distances)
-        running.lower(rows, distances)
+            lows = distances * rng.uniform(0.8, 1.0, 80).astype(np.float32)
+            highs = distances * rng.uniform(1.0, 1.2, 80).astype(np.float32)
+            lows[:10] = highs[:10] = distances[:10]  # zero width
+            lows[10:20] = 0.0  # no lower end
+            running.lower_pairs(rows, centres, lows, highs)
+        if step % 5 == 4:  # some inexact points made exact on the way, as before a batch
+            inexact = np.flatnonzero(~running.exact)
+            running.settle(rng.choice(inexact, min(len(inexact), 50), replace=False))
         done = running.exact
         assert running.min_dist[done].tobytes() == truth[done].tobytes()
-        assert np.all(running.lo[~done] <= truth[~done]) and np.all(truth[~done] <= running.min_dist[~done])
+        assert np.all(running.lo <= truth) and np.all(truth <= running.min_dist)
         assert running.n_inexact == np.count_nonzero(~done)
     running.settle(np.flatnonzero(~running.exact))
     assert running.min_dist.tobytes() == truth.tobytes()
+
+
+def _recorded_pair_intervals(monkeypatch, points, starts, n_select):
+    from skpatchcore import _coreset
+
+    seen = []
+    real = _coreset._Bound.intervals
+
+    def record(self, values, rows, centres):
+        lo, hi = real(self, values, rows, centres)
+        seen.append((rows.copy(), centres.copy(), lo, hi))
+        return lo, hi
+
+    monkeypatch.setattr(_coreset._Bound, "intervals", record)
+    indices = greedy_indices_cpu(points, n_select, starts)
+    return indices, [np.concatenate(part) for part in zip(*seen)]
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32),
+        clustered_points(3000, 32, seed=3),
+        (np.random.default_rng(1).normal(size=(2000, 8)) + 1e4).astype(np.float32),  # far from 0
+        (np.random.default_rng(2).normal(size=(2000, 8)) * 1e-12).astype(np.float32),
+        (np.random.default_rng(3).normal(size=(2000, 8)) * 1e14).astype(np.float32),
+        np.random.default_rng(4).integers(0, 4, size=(2000, 6)).astype(np.float32),  # many equal distances
+        np.random.default_rng(5).normal(size=(1500, 300)).astype(np.float32) + 50.0,
+    ],
+    ids=["gaussian", "clustered", "offset-1e4", "scale-1e-12", "scale-1e14", "small-integers", "300-dims"],
+)
+def test_pair_intervals_hold_the_plain_loops_distances(monkeypatch, points):
+    """Each candidate pair's [lo, hi], read off the bound's product, holds the plain loop's
+    float32 distance, and is narrow (else most pairs get worked out anyway)."""
+    starts = np.random.default_rng(6).choice(len(points), 10, replace=False)
+    n_select = len(points) // 10
+    indices, (rows, centres, lo, hi) = _recorded_pair_intervals(monkeypatch, points, starts, n_select)
+    np.testing.assert_array_equal(indices, greedy_coreset(points, n_select, starts))
+    exact = _exact_pair_distances(points, rows, centres)
+    assert len(exact) > 1000 and lo.dtype == hi.dtype == np.float32
+    assert np.all(lo <= exact) and np.all(exact <= hi)
+    positive = exact > 0
+    assert np.median((hi - lo)[positive] / exact[positive]) < 2e-3  # ~2e-4 at 16 dims, ~5e-4 at 300
+
+
+@pytest.mark.parametrize("widen", ["loose", "exact", "zero-low"])
+def test_pair_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
+    """Pairs' exact distances are worked out wherever an interval cannot decide: wide
+    intervals (many worked out), zero-width ones and a low end of 0 all keep the indices."""
+    from skpatchcore import _coreset
+
+    worked_out = []
+    real_pairs = _coreset._pair_distances
+
+    def pair_distances(points, rows, centres):
+        worked_out.append(len(rows))
+        return real_pairs(points, rows, centres)
+
+    def intervals(self, values, rows, centres):
+        exact = _exact_pair_distances(current["points"], rows, centres)
+        if widen == "loose":
+            return exact * np.float32(0.7), exact * np.float32(1.5)
+        if widen == "zero-low":
+            return np.zeros_like(exact), exact
+        return exact, exact.copy()
+
+    current = {}
+    monkeypatch.setattr(_coreset, "_pair_distances", pair_distances)
+    monkeypatch.setattr(_coreset._Bound, "intervals", intervals)
+    counts = []
+    for points in (
+        clustered_points(2000, 16, seed=12),
+        np.random.default_rng(9).normal(size=(1500, 32)).astype(np.float32),
+    ):
+        current["points"] = points
+        starts = np.random.default_rng(10).choice(len(points), 10, replace=False)
+        for n_select in (1, 25, 300):
+            worked_out.clear()
+            np.testing.assert_array_equal(
+                greedy_indices_cpu(points, n_select, starts), greedy_coreset(points, n_select, starts)
+            )
+            counts.append(sum(worked_out))
+    if widen == "loose":
+        assert max(counts) > 1000  # many pairs needed their exact distance
 
 
 def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features):
