@@ -34,15 +34,16 @@ _BATCH_WIDTH = 512
 _BLOCK_ROWS = 64
 _CHUNK_POINTS = 65536
 # Exact distances to one centre are computed in blocks of this many rows, one
-# block per thread; setup passes run _SETUP_BLOCK rows at a time (in cache), and
-# exact distances of (point, centre) pairs in pieces of _PAIR_BLOCK pairs.
+# block per thread, and exact distances of (point, centre) pairs in pieces of
+# _PAIR_BLOCK pairs.
 # Candidate pairs are bounded _PAIR_CHUNK at a time, so the float64 temporaries
 # stay small however many candidates a block of centres has.
 _ROW_BLOCK = 4096
-_SETUP_BLOCK = 2048
 _PAIR_BLOCK = 1024
 _PAIR_CHUNK = 65536
-# Data whose largest coordinate (after centring) lies in this range is not rescaled.
+# The log of waiting distances is worked out once it holds this many per point.
+_LOG_POINTS = 4
+# Data whose largest norm (after centring) lies in this range is not rescaled.
 _UNSCALED_RANGE = (2.0**-16, 2.0**16)
 # A centre whose bound cannot rule out more than this fraction of all points is
 # checked against every point (blocks of rows, nothing gathered) instead of
@@ -124,6 +125,7 @@ class _Running:
         self.start_lo = None
         self.n_inexact = 0
         self._log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._log_size = 0
 
     def bound(self, augmented, sq_norms, scale, gamma, slack, floor) -> None:
         """Start from intervals (no exact start distance yet); see :meth:`bounds`."""
@@ -140,7 +142,7 @@ class _Running:
     def bounds(augmented, sq_norms, starts, scale, gamma, slack, floor):
         """Float32 ``lo <= m <= hi`` around each point's start distance ``m``, as the plain loop computes it.
 
-        ``augmented`` rows are [x, sqrt(gamma) |x|, |x|^2] in the scaled, centred
+        ``augmented`` rows are [x, sqrt(gamma) |x|, |x|^2] in the centred (and scaled)
         units of the bound (see :func:`_candidates`). One product gives, for
         each point x and start c, the ends
         ``(|x|^2 - 2 <x, c> + |c|^2 +- (2 gamma + 8 u) (|x| + |c|)^2) (1 +- slack)^2 +- floor``
@@ -218,24 +220,29 @@ class _Running:
                 np.minimum.at(base, points[now], _pair_distances(self.points, points[now], centres[now]))
             keep = ~listed & alive  # dead entries go too
             self._log = [(points[keep], centres[keep], lows[keep])] if keep.any() else []
+            self._log_size = int(np.count_nonzero(keep))
         hi[rows] = self.lo[rows] = base[rows]
         self.exact[rows] = True
         self.n_inexact -= len(rows)
 
-    def settle_farthest(self, width: int) -> None:
-        """Make exact every point that may be among the ``width + 1`` farthest."""
-        if self.n_inexact == 0:
-            return
+    def settle_farthest(self, width: int):
+        """Make exact every point that may be among the ``width + 1`` farthest.
+
+        Returns a cutoff at most the (``width + 1``)-th largest value: afterwards
+        every point at or above it is exact, and the ``width + 1`` farthest are
+        among them (None where all points were settled).
+        """
         n_points = len(self.exact)
-        inexact = ~self.exact
         if width + 1 >= n_points:
-            self.settle(np.flatnonzero(inexact))
-            return
+            self.settle(np.flatnonzero(~self.exact))
+            return None
         # The (width + 1)-th largest lower end is at most the (width + 1)-th largest
         # exact value; a point whose upper end is below it cannot reach that far.
-        lower = np.where(self.exact, self.min_dist, self.lo)
+        lower = np.where(self.exact, self.min_dist, self.lo) if self.n_inexact else self.min_dist
         cutoff = np.partition(lower, n_points - width - 1)[n_points - width - 1]
-        self.settle(np.flatnonzero(inexact & (self.min_dist >= cutoff)))
+        if self.n_inexact:
+            self.settle(np.flatnonzero(~self.exact & (self.min_dist >= cutoff)))
+        return cutoff
 
     def lower_exact(self, distances) -> None:
         """Lower every point's value with exact ``distances`` (one per point)."""
@@ -257,6 +264,14 @@ class _Running:
         self.exact[rows] = False
         self.n_inexact = len(self.exact) - int(np.count_nonzero(self.exact))
         self._log.append((rows, centres, lows))
+        self._log_size += len(rows)
+        if self._log_size > _LOG_POINTS * len(self.exact) + _PAIR_CHUNK:
+            # Where intervals stay wide (far outliers make the bound's margin large)
+            # many distances stay waiting: work them out rather than keep them.
+            logged = np.zeros(len(self.exact), dtype=bool)
+            for points, _, _ in self._log:
+                logged[points] = True
+            self.settle(np.flatnonzero(logged & ~self.exact))
 
 
 def _pair_distances(points: np.ndarray, rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -284,7 +299,7 @@ class _Bound:
     def __init__(self, augmented, sq_norms, scale, gamma, slack, floor):
         n_points, n_dims = augmented.shape[0], augmented.shape[1] - 2
         self.augmented, self.sq_norms, self.n_dims = augmented, sq_norms, n_dims
-        self.scale, self.gamma, self.slack, self.floor = scale, gamma, slack, floor
+        self.scale, self.slack, self.floor = scale, slack, floor
         self.roots = np.sqrt(gamma * sq_norms)
         augmented[:, n_dims] = self.roots
         self.norms = np.sqrt(sq_norms)
@@ -412,54 +427,35 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         gamma = max(_GAMMA, 4 * (n_dims + 2) * _UNIT_ROUNDOFF)
         slack = max(_SLACK, 2 * (n_dims + 2) * _UNIT_ROUNDOFF)
         tiny = float(np.finfo(np.float32).smallest_subnormal)
-        augmented = empty_buffer((n_points, n_dims + 2))
-        centered = augmented[:, :n_dims]
-        # Row ranges, one per thread (elementwise work: the same values either way).
-        edges = np.linspace(0, n_points, min(n_workers, max(1, n_points // _ROW_BLOCK)) + 1).astype(int)
-        parts = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
         # The centre only has to be central (the bound holds for any): the mean of
         # ~4096 rows spread over the data, at a fraction of a full pass.
         mean = points[:: max(1, n_points // 4096)].mean(axis=0, dtype=np.float64).astype(np.float32)
-
-        sq_norms = np.empty(n_points, dtype=np.float32)
-
-        def subtract(part):
-            # A cache-sized block at a time: its extremes and squared norms are
-            # read while it is still in cache.
-            largest = -np.inf
-            for start in range(part.start, part.stop, _SETUP_BLOCK):
-                stop = min(start + _SETUP_BLOCK, part.stop)
-                block = np.subtract(points[start:stop], mean, out=centered[start:stop])
-                largest = np.maximum(largest, np.maximum(block.max(), -block.min()))  # NaN stays NaN
-                np.einsum("ij,ij->i", block, block, out=sq_norms[start:stop])
-            return largest
-
-        largest = float(np.max(list(pool.map(subtract, parts)))) if n_points else 0.0  # NaN stays NaN
+        # Centred rows, computed in torch: one pass on every core (NumPy on the
+        # thread pool took twice as long), into memory from torch's allocator.
+        augmented_t = torch.empty((n_points, n_dims + 2))
+        augmented, centered_t = augmented_t.numpy(), augmented_t[:, :n_dims]
+        torch.sub(as_tensor(points), torch.from_numpy(mean), out=centered_t)
+        sq_norms = _squared_norms(centered_t)
+        # The largest centred norm (NaN stays NaN; inf where the squares overflow).
+        radius = math.sqrt(float(sq_norms.max())) if n_points else 0.0
         # Start distances are worked out lazily (_Running) for data of ordinary
         # magnitude, where no distance can overflow; otherwise all of them first.
-        lazy = bool(np.isfinite(largest)) and 2.0**-60 < largest and 4.0 * n_dims * largest**2 < 2.0**120
+        lazy = math.isfinite(radius) and 2.0**-60 < radius and 4.0 * radius**2 < 2.0**120
         min_dist = None
         if not lazy:
             min_dist = initial_distances(points, starts, pool).astype(np.float32)
-            if not (np.isfinite(largest) and np.isfinite(min_dist).all()) or 0.0 < largest < 2.0**-100:
+            if not (math.isfinite(radius) and np.isfinite(min_dist).all()) or 0.0 < radius < 2.0**-100:
                 return _plain_indices(points, min_dist, n_select, pool, progress)
         # The bound's rounding analysis needs squares that can neither overflow nor,
         # for all but far-out coordinates, fall to subnormals (the floor below covers
-        # those). Data whose largest coordinate is far from 1 is scaled by a power of
-        # two (exactly) to bring it into [0.5, 1); where the plain loop's own squares
-        # would be mostly rounding (all differences below 2^-100) it runs instead.
+        # those). Data whose norms are far from 1 is scaled by a power of two
+        # (exactly) to bring the largest norm into [0.5, 1); where the plain loop's
+        # own squares would be mostly rounding (all norms below 2^-100) it runs instead.
         scale = 1.0
-        if not _UNSCALED_RANGE[0] <= largest < _UNSCALED_RANGE[1]:
-            scale = 2.0 ** -math.frexp(largest)[1] if largest > 0 else 1.0
-
-            def rescale(part):
-                for start in range(part.start, part.stop, _SETUP_BLOCK):
-                    stop = min(start + _SETUP_BLOCK, part.stop)
-                    block = centered[start:stop]
-                    block *= np.float32(scale)
-                    np.einsum("ij,ij->i", block, block, out=sq_norms[start:stop])
-
-            list(pool.map(rescale, parts))
+        if not _UNSCALED_RANGE[0] <= radius < _UNSCALED_RANGE[1]:
+            scale = 2.0 ** -math.frexp(radius)[1] if radius > 0 else 1.0
+            centered_t.mul_(scale)
+            sq_norms = _squared_norms(centered_t)
         # Absolute floors, where rounding errors are absolute rather than relative:
         # products of the bound that fall to subnormals, and the exact distances'
         # own squares where the raw differences are that small (only for data of
@@ -475,24 +471,36 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         selected = np.empty(n_select, dtype=np.int64)
         count = 0
         while count < n_select:
-            running.settle_farthest(min(_BATCH_WIDTH, n_points))
-            batch, tau, tau_index = _farthest_batch(min_dist, min(_BATCH_WIDTH, n_points))
+            cutoff = running.settle_farthest(min(_BATCH_WIDTH, n_points))
+            batch, tau, tau_index = _farthest_batch(min_dist, min(_BATCH_WIDTH, n_points), cutoff)
             chosen = _batch_picks(points, batch, min_dist[batch], tau, tau_index, n_select - count)
-            bound.aim(min_dist)
-            for start in range(0, len(chosen), _BLOCK_ROWS):
-                rows = chosen[start : start + _BLOCK_ROWS]
-                dense, listed, centres, values = _candidates(rows, augmented, bound.half_center, work)
-                for center in rows[dense]:  # checked against every point
-                    running.lower_exact(_distances_to(points, points[center], pool))
-                for first in range(0, len(listed), _PAIR_CHUNK):
-                    pairs = slice(first, first + _PAIR_CHUNK)
-                    lows, highs = bound.intervals(values[pairs], listed[pairs], centres[pairs])
-                    running.lower_pairs(listed[pairs], centres[pairs], lows, highs)
             selected[count : count + len(chosen)] = chosen
             count += len(chosen)
+            if count < n_select:  # after the last picks, no distance to them is needed
+                _lower_to(chosen, points, bound, running, work, pool)
             if progress is not None:
                 progress.update(len(chosen))
     return selected
+
+
+def _squared_norms(rows: torch.Tensor) -> np.ndarray:
+    """Each row's squared norm, in float32 (pinned: see :func:`_torch_product`)."""
+    with cpu_float32():
+        return torch.einsum("ij,ij->i", rows, rows).numpy()
+
+
+def _lower_to(chosen, points, bound: _Bound, running: _Running, work, pool) -> None:
+    """Lower the running distances with the distances to the new centres ``chosen``."""
+    bound.aim(running.min_dist)
+    for start in range(0, len(chosen), _BLOCK_ROWS):
+        rows = chosen[start : start + _BLOCK_ROWS]
+        dense, listed, centres, values = _candidates(rows, bound.augmented, bound.half_center, work)
+        for center in rows[dense]:  # checked against every point
+            running.lower_exact(_distances_to(points, points[center], pool))
+        for first in range(0, len(listed), _PAIR_CHUNK):
+            pairs = slice(first, first + _PAIR_CHUNK)
+            lows, highs = bound.intervals(values[pairs], listed[pairs], centres[pairs])
+            running.lower_pairs(listed[pairs], centres[pairs], lows, highs)
 
 
 def _torch_product(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> None:
@@ -519,8 +527,8 @@ def _candidates(rows, augmented, half_center, work):
     """For each centre in ``rows``: the points its bound cannot rule out.
 
     ``augmented`` rows are [x_i, sqrt(gamma) |x_i|, -half_point_i], where x_i is
-    point i minus the mean, times the power of two that brings the largest
-    coordinate into [0.5, 1) (m_i is scaled alike), with
+    point i minus the mean (times a power of two, ``scale``, for data of
+    extreme magnitude; m_i is scaled alike), with
     half_point_i = ((1 - gamma) |x_i|^2 - m'_i^2) / 2 - floor,
     m'_i = m_i (1 + slack), and half_center_s = (1 - gamma) |x_s|^2 / 2. The
     centres' rows take 1 in the last column, so one product gives
@@ -562,12 +570,16 @@ def _candidates(rows, augmented, half_center, work):
         flat = np.flatnonzero(bounds > thresholds)
         local = flat // width
         cols = (flat - local * width + start).astype(index_dtype)
-        pieces.append((local, cols, np.take(bounds.reshape(-1), flat)))
         counts += np.bincount(local, minlength=len(rows))
+        # 10 bytes a pair: row in the block (int16: blocks are small), point, value
+        found = (local.astype(np.int16), cols, np.take(bounds.reshape(-1), flat))
         newly = (counts > dense_limit) & ~dense
         if newly.any():  # their lists go: the memory stays at most that of the points
             dense |= newly
-            pieces = [[part[~dense[found[0]]] for part in found] for found in pieces]
+            pieces = [[part[~dense[piece[0]]] for part in piece] for piece in pieces]
+        if dense.any():
+            found = [part[~dense[found[0]]] for part in found]
+        pieces.append(found)
     local, cols, values = (np.concatenate(part) for part in zip(*pieces))
     return dense, cols, rows[local].astype(index_dtype), values
 
@@ -604,21 +616,22 @@ def _batch_picks(points, batch, values, tau, tau_index, limit) -> np.ndarray:
     return np.array(picks, dtype=np.int64)
 
 
-def _farthest_batch(min_dist: np.ndarray, width: int) -> tuple[np.ndarray, float, int]:
-    """The ``width`` largest values in (-value, index) order, and the best one left out."""
+def _farthest_batch(min_dist: np.ndarray, width: int, cutoff=None) -> tuple[np.ndarray, float, int]:
+    """The ``width`` largest values in (-value, index) order, and the best one left out.
+
+    ``cutoff``, if given, is at most the (``width + 1``)-th largest value.
+    """
     n_points = len(min_dist)
     if width >= n_points:
         order = np.lexsort((np.arange(n_points), -min_dist))
         return order, -np.inf, n_points
-    cutoff = np.partition(min_dist, n_points - width)[n_points - width]
+    if cutoff is None:
+        cutoff = np.partition(min_dist, n_points - width - 1)[n_points - width - 1]
+    # At least width + 1 points; every point left out of them is below the cutoff,
+    # so the best one left out (ties by index) is the next in this order.
     pool = np.flatnonzero(min_dist >= cutoff)
-    batch = pool[np.lexsort((pool, -min_dist[pool]))][:width]
-    outside = np.ones(n_points, dtype=bool)
-    outside[batch] = False
-    left_out = np.flatnonzero(outside)
-    values = min_dist[left_out]
-    tau = values.max()
-    return batch, float(tau), int(left_out[values == tau].min())
+    order = pool[np.lexsort((pool, -min_dist[pool]))]
+    return order[:width], float(min_dist[order[width]]), int(order[width])
 
 
 def greedy_indices_torch(

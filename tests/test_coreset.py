@@ -148,7 +148,7 @@ def test_blocked_distances_are_bit_identical_to_one_pass(monkeypatch):
         )
 
 
-@pytest.mark.parametrize("dense_fraction", [0.0, 0.05, 1.0])
+@pytest.mark.parametrize("dense_fraction", [0.0, 0.01, 0.05, 1.0])
 def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, dense_fraction):
     """A centre whose candidate list would be long checks all points instead; same result."""
     from skpatchcore import _coreset
@@ -157,7 +157,15 @@ def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, 
     monkeypatch.setattr(_coreset, "_CHUNK_POINTS", 700)  # several chunks per bound row
     seen = []
     real = _coreset._candidates
-    monkeypatch.setattr(_coreset, "_candidates", lambda *a: seen.append(found := real(*a)) or found)
+
+    def candidates(rows, *args):
+        found = real(rows, *args)
+        dense, _, centres, _ = found
+        assert not np.isin(centres, rows[dense]).any()  # no pairs of a centre checked densely
+        seen.append(found)
+        return found
+
+    monkeypatch.setattr(_coreset, "_candidates", candidates)
     points = clustered_points(3000, 16, seed=8)
     starts = np.random.default_rng(5).choice(len(points), 10, replace=False)
     for n_select in (30, 300):
@@ -394,6 +402,39 @@ def test_pair_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
             counts.append(sum(worked_out))
     if widen == "loose":
         assert max(counts) > 1000  # many pairs needed their exact distance
+
+
+def test_waiting_distances_are_worked_out_when_the_log_grows(monkeypatch):
+    """Far outliers widen every interval, so many distances wait; past a size the
+    log is worked out at once, with the same indices."""
+    from skpatchcore import _coreset
+
+    flushes = []
+    real_settle = _coreset._Running.settle
+
+    def settle(self, rows):
+        if len(rows) and self._log_size > _coreset._LOG_POINTS * len(self.exact) + _coreset._PAIR_CHUNK:
+            flushes.append(len(rows))
+        real_settle(self, rows)
+
+    monkeypatch.setattr(_coreset._Running, "settle", settle)
+    monkeypatch.setattr(_coreset, "_LOG_POINTS", 1)
+    monkeypatch.setattr(_coreset, "_PAIR_CHUNK", 50)
+    rng = np.random.default_rng(15)
+    points = rng.normal(size=(3000, 4)).astype(np.float32)
+    points[:5] *= 1e4  # a few far outliers: the bound's centre and margins move
+    starts = rng.choice(len(points), 10, replace=False)
+    for n_select in (30, 600):
+        np.testing.assert_array_equal(
+            greedy_indices_cpu(points, n_select, starts), greedy_coreset(points, n_select, starts)
+        )
+    assert flushes  # the log did reach its limit
+
+
+def test_zero_dimensional_points_give_the_plain_loops_indices():
+    points = np.zeros((5, 0), dtype=np.float32)
+    starts = np.array([0, 1])
+    np.testing.assert_array_equal(greedy_indices_cpu(points, 3, starts), greedy_coreset(points, 3, starts))
 
 
 def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features):
