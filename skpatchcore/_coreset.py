@@ -41,8 +41,9 @@ _CHUNK_POINTS = 65536
 _ROW_BLOCK = 4096
 _PAIR_BLOCK = 1024
 _PAIR_CHUNK = 65536
-# The log of waiting distances is worked out once it holds this many per point.
-_LOG_POINTS = 4
+# The log of waiting distances is pruned (and if need be worked out) once it
+# holds this many entries per point.
+_LOG_POINTS = 2
 # Data whose largest norm (after centring) lies in this range is not rescaled.
 _UNSCALED_RANGE = (2.0**-16, 2.0**16)
 # A centre whose bound cannot rule out more than this fraction of all points is
@@ -265,13 +266,19 @@ class _Running:
         self.n_inexact = len(self.exact) - int(np.count_nonzero(self.exact))
         self._log.append((rows, centres, lows))
         self._log_size += len(rows)
-        if self._log_size > _LOG_POINTS * len(self.exact) + _PAIR_CHUNK:
-            # Where intervals stay wide (far outliers make the bound's margin large)
-            # many distances stay waiting: work them out rather than keep them.
-            logged = np.zeros(len(self.exact), dtype=bool)
-            for points, _, _ in self._log:
-                logged[points] = True
-            self.settle(np.flatnonzero(logged & ~self.exact))
+        limit = _LOG_POINTS * len(self.exact) + _PAIR_CHUNK
+        if self._log_size > limit:
+            # Drop the entries that can no longer be a minimum; if that is not enough
+            # (where intervals stay wide: far outliers make the bound's margin large),
+            # work out the waiting distances rather than keep them.
+            points, centres, lows = (np.concatenate(parts) for parts in zip(*self._log))
+            alive = lows <= self.min_dist[points]
+            self._log = [(points[alive], centres[alive], lows[alive])]
+            self._log_size = int(np.count_nonzero(alive))
+            if self._log_size > limit // 2:
+                logged = np.zeros(len(self.exact), dtype=bool)
+                logged[self._log[0][0]] = True
+                self.settle(np.flatnonzero(logged & ~self.exact))
 
 
 def _pair_distances(points: np.ndarray, rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -300,15 +307,16 @@ class _Bound:
         n_points, n_dims = augmented.shape[0], augmented.shape[1] - 2
         self.augmented, self.sq_norms, self.n_dims = augmented, sq_norms, n_dims
         self.scale, self.slack, self.floor = scale, slack, floor
-        self.roots = np.sqrt(gamma * sq_norms)
-        augmented[:, n_dims] = self.roots
-        self.norms = np.sqrt(sq_norms)
-        self.half_center = 0.5 * (1.0 - gamma) * sq_norms
-        self._shrunk = (1.0 - gamma) * sq_norms
+        self.gamma = gamma
+        augmented[:, n_dims] = np.sqrt(gamma * sq_norms)  # (only per-point arrays needed are kept)
         self.column = np.empty(n_points, dtype=np.float32)
         u = _UNIT_ROUNDOFF
         self._size_margin = np.float32(4.0 * (n_dims + 2) * u * (1.0 + gamma) + 8.0 * u)
         self._column_margin = np.float32(4.0 * (n_dims + 2) * u)
+
+    def half_center(self, rows):
+        """The candidates' thresholds ``(1 - gamma) |x_s|^2 / 2`` of centres ``rows``."""
+        return 0.5 * (1.0 - self.gamma) * self.sq_norms[rows]
 
     def aim(self, min_dist) -> None:
         """Set the last column to ``-half_point`` for running distances ``min_dist`` (upper ends).
@@ -322,7 +330,7 @@ class _Bound:
         scaled = min_dist * np.float32(self.scale)  # exact: a power of two
         # Worked out in a contiguous array, then written to the strided column once.
         np.square(np.multiply(scaled, 1.0 + self.slack, out=scaled), out=column)
-        column -= self._shrunk
+        np.subtract(column, np.multiply(self.sq_norms, 1.0 - self.gamma, out=scaled), out=column)
         column *= 0.5
         column += self.floor
         self.augmented[:, self.n_dims + 1] = column
@@ -348,8 +356,9 @@ class _Bound:
         estimate = np.add(self.sq_norms[rows], self.sq_norms[centres], dtype=np.float64)
         estimate -= 2.0 * values  # (doubling a float32 is exact)
         estimate += 2.0 * column
-        estimate += 2.0 * (self.roots[rows] * self.roots[centres])
-        size = self.norms[rows] + self.norms[centres]
+        roots = self.augmented[:, self.n_dims]
+        estimate += 2.0 * (roots[rows] * roots[centres])
+        size = np.sqrt(self.sq_norms[rows]) + np.sqrt(self.sq_norms[centres])
         size *= size
         margin = self._size_margin * size
         margin += self._column_margin * np.abs(column)
@@ -494,7 +503,7 @@ def _lower_to(chosen, points, bound: _Bound, running: _Running, work, pool) -> N
     bound.aim(running.min_dist)
     for start in range(0, len(chosen), _BLOCK_ROWS):
         rows = chosen[start : start + _BLOCK_ROWS]
-        dense, listed, centres, values = _candidates(rows, bound.augmented, bound.half_center, work)
+        dense, listed, centres, values = _candidates(rows, bound.augmented, bound.half_center(rows), work)
         for center in rows[dense]:  # checked against every point
             running.lower_exact(_distances_to(points, points[center], pool))
         for first in range(0, len(listed), _PAIR_CHUNK):
@@ -558,7 +567,7 @@ def _candidates(rows, augmented, half_center, work):
     dense_limit = int(_DENSE_FRACTION * n_points)
     left = augmented[rows]  # a copy
     left[:, -1] = 1.0
-    thresholds = half_center[rows][:, None]
+    thresholds = half_center[:, None]
     counts = np.zeros(len(rows), dtype=np.int64)
     dense = np.zeros(len(rows), dtype=bool)
     pieces = []

@@ -409,15 +409,23 @@ def test_waiting_distances_are_worked_out_when_the_log_grows(monkeypatch):
     log is worked out at once, with the same indices."""
     from skpatchcore import _coreset
 
-    flushes = []
-    real_settle = _coreset._Running.settle
+    flushes, lowering = [], []
+    real_settle, real_lower = _coreset._Running.settle, _coreset._Running.lower_pairs
 
     def settle(self, rows):
-        if len(rows) and self._log_size > _coreset._LOG_POINTS * len(self.exact) + _coreset._PAIR_CHUNK:
+        if lowering and len(rows):  # worked out from inside lower_pairs: the log was full
             flushes.append(len(rows))
         real_settle(self, rows)
 
+    def lower_pairs(self, *args):
+        lowering.append(True)
+        try:
+            real_lower(self, *args)
+        finally:
+            lowering.pop()
+
     monkeypatch.setattr(_coreset._Running, "settle", settle)
+    monkeypatch.setattr(_coreset._Running, "lower_pairs", lower_pairs)
     monkeypatch.setattr(_coreset, "_LOG_POINTS", 1)
     monkeypatch.setattr(_coreset, "_PAIR_CHUNK", 50)
     rng = np.random.default_rng(15)
