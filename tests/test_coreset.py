@@ -182,6 +182,21 @@ def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, 
         assert n_dense > 0 and n_listed > 0
 
 
+# Data for the interval tests (start distances and candidate pairs): ordinary,
+# clustered, far from the origin, and of tiny and huge magnitude (scaled).
+INTERVAL_CASES = [
+    pytest.param(np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32), id="gaussian"),
+    pytest.param(clustered_points(3000, 32, seed=3), id="clustered"),
+    pytest.param((np.random.default_rng(1).normal(size=(2000, 8)) + 1e4).astype(np.float32), id="offset-1e4"),
+    pytest.param(
+        (np.random.default_rng(2).normal(size=(2000, 8)) * 1e-12).astype(np.float32), id="scale-1e-12"
+    ),
+    pytest.param(
+        (np.random.default_rng(3).normal(size=(2000, 8)) * 1e14).astype(np.float32), id="scale-1e14"
+    ),
+]
+
+
 def _recorded_start_intervals(monkeypatch, points, starts):
     from skpatchcore import _coreset
 
@@ -200,15 +215,13 @@ def _recorded_start_intervals(monkeypatch, points, starts):
 @pytest.mark.parametrize(
     "points",
     [
-        np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32),
-        clustered_points(3000, 32, seed=3),
-        (np.random.default_rng(1).normal(size=(2000, 8)) + 1e4).astype(np.float32),  # far from 0
-        (np.random.default_rng(2).normal(size=(2000, 8)) * 1e-12).astype(np.float32),
-        (np.random.default_rng(3).normal(size=(2000, 8)) * 1e14).astype(np.float32),
-        np.repeat(np.random.default_rng(4).normal(size=(100, 8)).astype(np.float32), 10, axis=0),
-        np.random.default_rng(5).normal(size=(1500, 1024)).astype(np.float32),
+        *INTERVAL_CASES,
+        pytest.param(
+            np.repeat(np.random.default_rng(4).normal(size=(100, 8)).astype(np.float32), 10, axis=0),
+            id="duplicates",
+        ),
+        pytest.param(np.random.default_rng(5).normal(size=(1500, 1024)).astype(np.float32), id="1024-dims"),
     ],
-    ids=["gaussian", "clustered", "offset-1e4", "scale-1e-12", "scale-1e14", "duplicates", "1024-dims"],
 )
 def test_start_distance_intervals_hold_the_plain_loops_values(monkeypatch, points):
     """The lazy start's [lo, hi] holds each point's exact start distance, and is narrow."""
@@ -339,15 +352,14 @@ def _recorded_pair_intervals(monkeypatch, points, starts, n_select):
 @pytest.mark.parametrize(
     "points",
     [
-        np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32),
-        clustered_points(3000, 32, seed=3),
-        (np.random.default_rng(1).normal(size=(2000, 8)) + 1e4).astype(np.float32),  # far from 0
-        (np.random.default_rng(2).normal(size=(2000, 8)) * 1e-12).astype(np.float32),
-        (np.random.default_rng(3).normal(size=(2000, 8)) * 1e14).astype(np.float32),
-        np.random.default_rng(4).integers(0, 4, size=(2000, 6)).astype(np.float32),  # many equal distances
-        np.random.default_rng(5).normal(size=(1500, 300)).astype(np.float32) + 50.0,
+        *INTERVAL_CASES,
+        pytest.param(  # many equal distances
+            np.random.default_rng(4).integers(0, 4, size=(2000, 6)).astype(np.float32), id="small-integers"
+        ),
+        pytest.param(
+            np.random.default_rng(5).normal(size=(1500, 300)).astype(np.float32) + 50.0, id="300-dims"
+        ),
     ],
-    ids=["gaussian", "clustered", "offset-1e4", "scale-1e-12", "scale-1e14", "small-integers", "300-dims"],
 )
 def test_pair_intervals_hold_the_plain_loops_distances(monkeypatch, points):
     """Each candidate pair's [lo, hi], read off the bound's product, holds the plain loop's
