@@ -557,8 +557,9 @@ def _candidates(rows, augmented, half_center, work):
     ``rows[k]`` with too many to list (over ``_DENSE_FRACTION`` of the points),
     which the caller checks against every point; the other centres' (point,
     centre) pairs come as flat arrays, with their product entries ``values``
-    (from which :meth:`_Bound.intervals` bounds the pair's distance). ``work``
-    holds the products.
+    (from which :meth:`_Bound.intervals` bounds the pair's distance).
+    ``half_center`` holds half_center_s of the centres ``rows``; ``work`` holds
+    the products.
     """
     # The product (see _torch_product) goes into the reused ``work`` buffer. The
     # listing runs on this thread: split over the pool it was slower on 2 cores.
