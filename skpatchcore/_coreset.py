@@ -82,12 +82,22 @@ def initial_distances(points: np.ndarray, starts: np.ndarray, pool=None) -> np.n
     releases the GIL); each row's value is the same either way.
     """
     centers = points[starts]
-    if pool is None:
-        return _mean_start_distances(points, centers)
+    return _by_blocks(lambda block: _mean_start_distances(block, centers), points, pool)
+
+
+def _by_blocks(per_row, points: np.ndarray, pool) -> np.ndarray:
+    """``per_row(points)`` (one value per row), in blocks of rows side by side on ``pool``.
+
+    ``per_row`` must give each row a value that depends on that row alone, so
+    the result is the same bits either way; without a pool, or for fewer than
+    two blocks of rows, it runs in one call.
+    """
+    if pool is None or len(points) < 2 * _ROW_BLOCK:
+        return per_row(points)
     out = np.empty(len(points), dtype=np.result_type(points.dtype, np.float32))
 
     def fill(start):
-        out[start : start + _ROW_BLOCK] = _mean_start_distances(points[start : start + _ROW_BLOCK], centers)
+        out[start : start + _ROW_BLOCK] = per_row(points[start : start + _ROW_BLOCK])
 
     list(pool.map(fill, range(0, len(points), _ROW_BLOCK)))
     return out
@@ -211,11 +221,10 @@ class _Running:
                 base[alive] = np.minimum(base[alive], start)
             self.start_pending[pending] = False
         if self._log:
-            points, centres, lows = (np.concatenate(parts) for parts in zip(*self._log))
+            points, centres, lows, alive = self._merged_log()
             listed = np.zeros(len(hi), dtype=bool)
             listed[rows] = True
             listed = listed[points]
-            alive = lows <= hi[points]
             now = listed & alive
             if now.any():
                 np.minimum.at(base, points[now], _pair_distances(self.points, points[now], centres[now]))
@@ -225,6 +234,15 @@ class _Running:
         hi[rows] = self.lo[rows] = base[rows]
         self.exact[rows] = True
         self.n_inexact -= len(rows)
+
+    def _merged_log(self):
+        """The log as one set of arrays, and which entries may still be a minimum.
+
+        An entry whose lower end is above its point's upper end cannot be the
+        point's minimum (one equal to it can: the test is not strict).
+        """
+        points, centres, lows = (np.concatenate(parts) for parts in zip(*self._log))
+        return points, centres, lows, lows <= self.min_dist[points]
 
     def settle_farthest(self, width: int):
         """Make exact every point that may be among the ``width + 1`` farthest.
@@ -271,8 +289,7 @@ class _Running:
             # Drop the entries that can no longer be a minimum; if that is not enough
             # (where intervals stay wide: far outliers make the bound's margin large),
             # work out the waiting distances rather than keep them.
-            points, centres, lows = (np.concatenate(parts) for parts in zip(*self._log))
-            alive = lows <= self.min_dist[points]
+            points, centres, lows, alive = self._merged_log()
             self._log = [(points[alive], centres[alive], lows[alive])]
             self._log_size = int(np.count_nonzero(alive))
             if self._log_size > limit // 2:
@@ -377,15 +394,7 @@ class _Bound:
 
 def _distances_to(points: np.ndarray, center: np.ndarray, pool) -> np.ndarray:
     """:func:`row_distances` of all ``points``, in blocks side by side."""
-    if len(points) < 2 * _ROW_BLOCK:
-        return row_distances(points, center)
-    out = np.empty(len(points), dtype=np.result_type(points.dtype, np.float32))
-
-    def fill(start):
-        out[start : start + _ROW_BLOCK] = row_distances(points[start : start + _ROW_BLOCK], center)
-
-    list(pool.map(fill, range(0, len(points), _ROW_BLOCK)))
-    return out
+    return _by_blocks(lambda block: row_distances(block, center), points, pool)
 
 
 def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, progress=None) -> np.ndarray:
