@@ -259,6 +259,7 @@ def run_config(spec: dict) -> dict:
     start = time.perf_counter()
     features.fit(train)
     times["load_s"] = time.perf_counter() - start
+    result["rss_after_load_mb"] = current_rss_mb()  # imports + the backbone's weights
     start = time.perf_counter()
     train_features = features.transform(train)
     times["features_s"] = time.perf_counter() - start
