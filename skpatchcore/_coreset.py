@@ -366,8 +366,9 @@ class _Bound:
         arithmetic, and that of ``r_i r_s``, a few u of it), ``8 u (|x_i| +
         |x_s|)^2`` the centring (as in :meth:`_Running.bounds`); ``(1 +- slack)^2``
         and ``2 floor`` cover the plain loop's own float32 distance and
-        subnormal products. The estimate and the ends are worked out in
-        float64 and rounded outwards to float32.
+        products below the normal range (subnormal or flushed to zero). The
+        estimate and the ends are worked out in float64 and rounded outwards to
+        float32.
         """
         column = self.column[rows]
         estimate = np.add(self.sq_norms[rows], self.sq_norms[centres], dtype=np.float64)
@@ -444,7 +445,10 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         # view: BLAS takes either layout), so no transposed copy is made.
         gamma = max(_GAMMA, 4 * (n_dims + 2) * _UNIT_ROUNDOFF)
         slack = max(_SLACK, 2 * (n_dims + 2) * _UNIT_ROUNDOFF)
-        tiny = float(np.finfo(np.float32).smallest_subnormal)
+        # The smallest normal float32: a result that falls below it is off by less,
+        # whether the CPU rounds it to a subnormal or flushes it to zero (FTZ/DAZ, as
+        # torch.set_flush_denormal(True) or a -ffast-math library sets them).
+        tiny = float(np.finfo(np.float32).tiny)
         # The centre only has to be central (the bound holds for any): the mean of
         # ~4096 rows spread over the data, at a fraction of a full pass.
         mean = points[:: max(1, n_points // 4096)].mean(axis=0, dtype=np.float64).astype(np.float32)
@@ -475,9 +479,9 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
             centered_t.mul_(scale)
             sq_norms = _squared_norms(centered_t)
         # Absolute floors, where rounding errors are absolute rather than relative:
-        # products of the bound that fall to subnormals, and the exact distances'
-        # own squares where the raw differences are that small (only for data of
-        # about 1e-19 and below; in scaled units, where it then dominates).
+        # products of the bound that fall below the normal range, and the exact
+        # distances' own squares where the raw differences are that small (only for
+        # data of about 1e-18 and below; in scaled units, where it then dominates).
         floor = 4 * (n_dims + 2) * tiny + min(1e30, (n_dims + 1) * tiny * scale * scale)
         bound = _Bound(augmented, sq_norms, scale, gamma, slack, floor)
         running = _Running(points, starts, min_dist)
@@ -558,8 +562,8 @@ def _candidates(rows, augmented, half_center, work):
     float32 squared norm by d u times itself; gamma covers the parts in the
     norms (and the centring's rounding, ~u of them), slack the part in m'_i
     and the exact distance's own rounding, and ``floor`` the absolute errors of
-    products (and of the plain loop's own squares) that fall to subnormal
-    numbers. So every point whose exact float32 distance can fall below m_i
+    products (and of the plain loop's own squares) that fall below the normal
+    range. So every point whose exact float32 distance can fall below m_i
     is listed.
 
     Returns ``(dense, points, centres, values)``: ``dense[k]`` marks the centres

@@ -148,6 +148,35 @@ def test_blocked_distances_are_bit_identical_to_one_pass(monkeypatch):
         )
 
 
+@pytest.fixture
+def flush_denormals():
+    """Subnormal float results flushed to zero (FTZ/DAZ) while the test runs, as
+    ``torch.set_flush_denormal(True)`` or a library built with -ffast-math sets them."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormal numbers")
+    try:
+        assert np.float32(1e-20) * np.float32(1e-20) == 0.0  # flushed here, in NumPy too
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("magnitude", [1e-18, 1e-19])
+@pytest.mark.parametrize("dims", [2, 32, 128])
+def test_flushed_subnormals_give_the_plain_loops_indices(flush_denormals, magnitude, dims):
+    """With subnormals flushed, the plain loop's squares of tiny differences become 0,
+    not a subnormal: the bounds' absolute floors allow for that (they once allowed only
+    for gradual underflow, and such data crashed the batch selection or changed indices)."""
+    rng = np.random.default_rng(int(-np.log10(magnitude)) * 1000 + dims)
+    points = (rng.normal(size=(1200, dims)) * magnitude).astype(np.float32)
+    points[:600, : max(1, dims // 2)] += np.float32(5 * magnitude)
+    starts = rng.choice(len(points), 10, replace=False)
+    for n_select in (30, 120):
+        np.testing.assert_array_equal(
+            greedy_indices_cpu(points, n_select, starts), greedy_coreset(points, n_select, starts)
+        )
+
+
 @pytest.mark.parametrize("dense_fraction", [0.0, 0.01, 0.05, 1.0])
 def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, dense_fraction):
     """A centre whose candidate list would be long checks all points instead; same result."""
