@@ -28,16 +28,21 @@ _SLACK = 1e-4
 _GAMMA = 5e-5
 _UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
 # The farthest _BATCH_WIDTH points form a batch, out of which the next picks are
-# found; bound rows are made for _BLOCK_ROWS picks at a time against _CHUNK_POINTS
-# points at a time, so the product buffer stays at 64 x 65536 floats.
+# found. Bound rows are made for up to _BLOCK_ROWS picks at a time (all of a
+# batch's), against as many points at a time as fill _PRODUCT_FLOATS (8192 for a
+# full block); the start bounds take _CHUNK_POINTS points at a time. So the
+# products read the points once per batch rather than once per 64 picks: on 2
+# cores, 20% less time at 1% of 235,000 vectors of 256 dims, 10% at 10% of
+# 96,000 Magnetic Tile vectors, 7% at 10% of MPDD's 42,336.
 _BATCH_WIDTH = 512
-_BLOCK_ROWS = 64
+_BLOCK_ROWS = 512
+_PRODUCT_FLOATS = 512 * 8192
 _CHUNK_POINTS = 65536
 # Exact distances to one centre are computed in blocks of this many rows, one
 # block per thread, and exact distances of (point, centre) pairs in pieces of
 # _PAIR_BLOCK pairs.
 # Candidate pairs are bounded _PAIR_CHUNK at a time, so the float64 temporaries
-# stay small however many candidates a block of centres has.
+# stay small however many candidates a range of points has.
 _ROW_BLOCK = 4096
 _PAIR_BLOCK = 1024
 _PAIR_CHUNK = 65536
@@ -48,8 +53,8 @@ _LOG_POINTS = 2
 _UNSCALED_RANGE = (2.0**-16, 2.0**16)
 # A centre whose bound cannot rule out more than this fraction of all points is
 # checked against every point (blocks of rows, nothing gathered) instead of
-# listing them: early on, when running distances are large, such lists of a
-# whole block of centres took several times the memory of the points.
+# listing the rest of them: early on, when running distances are large, one
+# pass costs less than that many pairs.
 _DENSE_FRACTION = 0.25
 
 
@@ -489,7 +494,7 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
             augmented[:, n_dims + 1] = sq_norms  # until the first batch
             running.bound(augmented, sq_norms, scale, gamma, slack, floor)
         min_dist = running.min_dist
-        work = empty_buffer((_BLOCK_ROWS, min(_CHUNK_POINTS, n_points)))
+        work = empty_buffer(_BLOCK_ROWS * min(max(1, _PRODUCT_FLOATS // _BLOCK_ROWS), n_points))
         selected = np.empty(n_select, dtype=np.int64)
         count = 0
         while count < n_select:
@@ -516,13 +521,16 @@ def _lower_to(chosen, points, bound: _Bound, running: _Running, work, pool) -> N
     bound.aim(running.min_dist)
     for start in range(0, len(chosen), _BLOCK_ROWS):
         rows = chosen[start : start + _BLOCK_ROWS]
-        dense, listed, centres, values = _candidates(rows, bound.augmented, bound.half_center(rows), work)
+        dense = np.zeros(len(rows), dtype=bool)
+        for listed, centres, values in _candidates(
+            rows, bound.augmented, bound.half_center(rows), work, dense
+        ):
+            for first in range(0, len(listed), _PAIR_CHUNK):
+                pairs = slice(first, first + _PAIR_CHUNK)
+                lows, highs = bound.intervals(values[pairs], listed[pairs], centres[pairs])
+                running.lower_pairs(listed[pairs], centres[pairs], lows, highs)
         for center in rows[dense]:  # checked against every point
             running.lower_exact(_distances_to(points, points[center], pool))
-        for first in range(0, len(listed), _PAIR_CHUNK):
-            pairs = slice(first, first + _PAIR_CHUNK)
-            lows, highs = bound.intervals(values[pairs], listed[pairs], centres[pairs])
-            running.lower_pairs(listed[pairs], centres[pairs], lows, highs)
 
 
 def _torch_product(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> None:
@@ -545,7 +553,7 @@ def _plain_indices(points, min_dist, n_select, pool, progress) -> np.ndarray:
     return selected
 
 
-def _candidates(rows, augmented, half_center, work):
+def _candidates(rows, augmented, half_center, work, dense):
     """For each centre in ``rows``: the points its bound cannot rule out.
 
     ``augmented`` rows are [x_i, sqrt(gamma) |x_i|, -half_point_i], where x_i is
@@ -566,13 +574,16 @@ def _candidates(rows, augmented, half_center, work):
     range. So every point whose exact float32 distance can fall below m_i
     is listed.
 
-    Returns ``(dense, points, centres, values)``: ``dense[k]`` marks the centres
-    ``rows[k]`` with too many to list (over ``_DENSE_FRACTION`` of the points),
-    which the caller checks against every point; the other centres' (point,
-    centre) pairs come as flat arrays, with their product entries ``values``
-    (from which :meth:`_Bound.intervals` bounds the pair's distance).
-    ``half_center`` holds half_center_s of the centres ``rows``; ``work`` holds
-    the products.
+    Yields, for one range of points at a time, the (point, centre) pairs as
+    flat arrays ``(points, centres, values)``, with their product entries
+    ``values`` (from which :meth:`_Bound.intervals` bounds the pair's
+    distance). ``dense[k]`` (updated in place) marks the centres ``rows[k]``
+    with too many to list (over ``_DENSE_FRACTION`` of all points), which the
+    caller checks against every point: from the range where a centre turns
+    dense on, none of its pairs is yielded. So however many points there are,
+    the pairs in memory at once are at most the entries of ``work``, which
+    holds the products; ``half_center`` holds half_center_s of the centres
+    ``rows``.
     """
     # The product (see _torch_product) goes into the reused ``work`` buffer. The
     # listing runs on this thread: split over the pool it was slower on 2 cores.
@@ -583,28 +594,21 @@ def _candidates(rows, augmented, half_center, work):
     left[:, -1] = 1.0
     thresholds = half_center[:, None]
     counts = np.zeros(len(rows), dtype=np.int64)
-    dense = np.zeros(len(rows), dtype=bool)
-    pieces = []
-    for start in range(0, n_points, _CHUNK_POINTS):
-        chunk = augmented[start : start + _CHUNK_POINTS]
+    step = max(1, len(work) // len(rows))
+    for start in range(0, n_points, step):
+        chunk = augmented[start : start + step]
         width = len(chunk)
-        bounds = work.reshape(-1)[: len(rows) * width].reshape(len(rows), width)
+        bounds = work[: len(rows) * width].reshape(len(rows), width)
         _torch_product(left, chunk.T, out=bounds)
         flat = np.flatnonzero(bounds > thresholds)
         local = flat // width
-        cols = (flat - local * width + start).astype(index_dtype)
         counts += np.bincount(local, minlength=len(rows))
-        # 10 bytes a pair: row in the block (int16: blocks are small), point, value
-        found = (local.astype(np.int16), cols, np.take(bounds.reshape(-1), flat))
-        newly = (counts > dense_limit) & ~dense
-        if newly.any():  # their lists go: the memory stays at most that of the points
-            dense |= newly
-            pieces = [[part[~dense[piece[0]]] for part in piece] for piece in pieces]
+        dense |= counts > dense_limit
         if dense.any():
-            found = [part[~dense[found[0]]] for part in found]
-        pieces.append(found)
-    local, cols, values = (np.concatenate(part) for part in zip(*pieces))
-    return dense, cols, rows[local].astype(index_dtype), values
+            keep = ~dense[local]
+            flat, local = flat[keep], local[keep]
+        cols = (flat - local * width + start).astype(index_dtype)
+        yield cols, rows[local].astype(index_dtype), np.take(bounds.reshape(-1), flat)
 
 
 def _batch_picks(points, batch, values, tau, tau_index, limit) -> np.ndarray:

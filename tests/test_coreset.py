@@ -183,16 +183,16 @@ def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, 
     from skpatchcore import _coreset
 
     monkeypatch.setattr(_coreset, "_DENSE_FRACTION", dense_fraction)
-    monkeypatch.setattr(_coreset, "_CHUNK_POINTS", 700)  # several chunks per bound row
+    monkeypatch.setattr(_coreset, "_PRODUCT_FLOATS", 20000)  # several ranges of points per block
     seen = []
     real = _coreset._candidates
 
-    def candidates(rows, *args):
-        found = real(rows, *args)
-        dense, _, centres, _ = found
-        assert not np.isin(centres, rows[dense]).any()  # no pairs of a centre checked densely
-        seen.append(found)
-        return found
+    def candidates(rows, augmented, half_center, work, dense):
+        for found in real(rows, augmented, half_center, work, dense):
+            # no pairs of a centre already found dense (it is checked against every point)
+            assert not np.isin(found[1], rows[dense]).any()
+            yield found
+        seen.append(dense.copy())
 
     monkeypatch.setattr(_coreset, "_candidates", candidates)
     points = clustered_points(3000, 16, seed=8)
@@ -201,8 +201,8 @@ def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, 
         np.testing.assert_array_equal(
             greedy_indices_cpu(points, n_select, starts), greedy_coreset(points, n_select, starts)
         )
-    n_dense = sum(int(found[0].sum()) for found in seen)
-    n_listed = sum(int((~found[0]).sum()) for found in seen)
+    n_dense = sum(int(dense.sum()) for dense in seen)
+    n_listed = sum(int((~dense).sum()) for dense in seen)
     if dense_fraction == 0.0:
         assert n_listed == 0
     elif dense_fraction == 1.0:
