@@ -29,13 +29,14 @@ _GAMMA = 5e-5
 _UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
 # The farthest _BATCH_WIDTH points form a batch, out of which the next picks are
 # found. Bound rows are made for up to _BLOCK_ROWS picks at a time (all of a
-# batch's), against as many points at a time as fill _PRODUCT_FLOATS (4096 for a
+# batch's, as _BATCH_WIDTH <= _BLOCK_ROWS), against as many points at a time as
+# fill _PRODUCT_FLOATS (4096 for a
 # full block); the start bounds take _CHUNK_POINTS points at a time. So the
 # products read the points once per batch rather than once per 64 picks: on 2
 # cores, 20% less time at 1% of 235,000 vectors of 256 dims, 10% at 10% of
 # 96,000 Magnetic Tile vectors, 7% at 10% of MPDD's 42,336. (Twice the buffer,
-# 16 MB, saved another 2.5% on Magnetic Tile but its temporaries raised MPDD's
-# peak at 10% by 24 MB.)
+# 16 MB, saved another 2.5% on Magnetic Tile but its temporaries raised the
+# selection's peak over its input at MPDD 10% by 24 MB, the fit's by ~35 MB.)
 _BATCH_WIDTH = 512
 _BLOCK_ROWS = 512
 _PRODUCT_FLOATS = 512 * 4096
@@ -289,6 +290,8 @@ class _Running:
         np.minimum.at(self.lo, rows, lows)
         self.exact[rows] = False
         self.n_inexact = len(self.exact) - int(np.count_nonzero(self.exact))
+        if rows.base is not None and len(rows) < len(rows.base):
+            rows, centres = rows.copy(), centres.copy()  # a slice would keep all of its array
         self._log.append((rows, centres, lows))
         self._log_size += len(rows)
         limit = _LOG_POINTS * len(self.exact) + _PAIR_CHUNK
@@ -610,7 +613,9 @@ def _candidates(rows, augmented, half_center, work, dense):
             keep = ~dense[local]
             flat, local = flat[keep], local[keep]
         cols = (flat - local * width + start).astype(index_dtype)
-        yield cols, rows[local].astype(index_dtype), np.take(bounds.reshape(-1), flat)
+        centres, values = rows[local].astype(index_dtype), np.take(bounds.reshape(-1), flat)
+        del flat, local  # not held while the caller works on the pairs
+        yield cols, centres, values
 
 
 def _batch_picks(points, batch, values, tau, tau_index, limit) -> np.ndarray:

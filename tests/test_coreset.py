@@ -44,13 +44,19 @@ def test_fast_loop_selects_exactly_the_plain_loops_indices(points, fraction):
     np.testing.assert_array_equal(fast, greedy_coreset(points, n_select, starts))
 
 
-@pytest.mark.parametrize("width,block_rows", [(3, 1), (16, 5), (200, 64)])
-def test_narrow_batches_and_small_blocks_give_the_same_indices(monkeypatch, width, block_rows):
-    """Batch edges (tau and its ties) and bound rows split over blocks change nothing."""
+@pytest.mark.parametrize(
+    "width,block_rows,product_floats", [(3, 1, 50), (16, 5, 300), (200, 64, 2**22), (200, 512, 5000)]
+)
+def test_narrow_batches_and_small_blocks_give_the_same_indices(
+    monkeypatch, width, block_rows, product_floats
+):
+    """Batch edges (tau and its ties), bound rows split over blocks and points split
+    over ranges (of a few dozen points) change nothing."""
     from skpatchcore import _coreset
 
     monkeypatch.setattr(_coreset, "_BATCH_WIDTH", width)
     monkeypatch.setattr(_coreset, "_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(_coreset, "_PRODUCT_FLOATS", product_floats)
     grid = np.stack(np.meshgrid(np.arange(25), np.arange(25)), axis=-1).reshape(-1, 2).astype(np.float32)
     duplicates = np.repeat(np.random.default_rng(6).normal(size=(90, 8)).astype(np.float32), 5, axis=0)
     for points in (grid, duplicates, clustered_points(1200, 16, seed=9)):
@@ -151,7 +157,10 @@ def test_blocked_distances_are_bit_identical_to_one_pass(monkeypatch):
 @pytest.fixture
 def flush_denormals():
     """Subnormal float results flushed to zero (FTZ/DAZ) while the test runs, as
-    ``torch.set_flush_denormal(True)`` or a library built with -ffast-math sets them."""
+    ``torch.set_flush_denormal(True)`` or a library built with -ffast-math sets them.
+
+    The setting holds for this thread: NumPy's arithmetic here (the plain loop's and
+    the exact distances') flushes; torch's worker threads, once started, may not."""
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush subnormal numbers")
     try:
