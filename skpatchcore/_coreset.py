@@ -30,13 +30,13 @@ _UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
 # The farthest _BATCH_WIDTH points form a batch, out of which the next picks are
 # found. Bound rows are made for up to _BLOCK_ROWS picks at a time (all of a
 # batch's, as _BATCH_WIDTH <= _BLOCK_ROWS), against as many points at a time as
-# fill _PRODUCT_FLOATS (4096 for a
-# full block); the start bounds take _CHUNK_POINTS points at a time. So the
-# products read the points once per batch rather than once per 64 picks: on 2
-# cores, 20% less time at 1% of 235,000 vectors of 256 dims, 10% at 10% of
-# 96,000 Magnetic Tile vectors, 7% at 10% of MPDD's 42,336. (Twice the buffer,
-# 16 MB, saved another 2.5% on Magnetic Tile but its temporaries raised the
-# selection's peak over its input at MPDD 10% by 24 MB, the fit's by ~35 MB.)
+# fill _PRODUCT_FLOATS (4096 for a full block); the start bounds take
+# _CHUNK_POINTS points at a time. So the products read the points once per batch
+# rather than once per 64 picks: on 2 cores, 21% less time at 1% of 235,000
+# vectors of 256 dims, 10-23% at 10% of 96,000 Magnetic Tile vectors, 0-10% at
+# 10% of MPDD's 42,336 (runs differ). (Twice the buffer, 16 MB, saved another
+# 2.5% on Magnetic Tile but its temporaries raised the selection's peak over its
+# input at MPDD 10% by 24 MB, the fit's by ~35 MB.)
 _BATCH_WIDTH = 512
 _BLOCK_ROWS = 512
 _PRODUCT_FLOATS = 512 * 4096
