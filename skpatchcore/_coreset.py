@@ -333,9 +333,8 @@ class _Bound:
     def __init__(self, augmented, sq_norms, scale, gamma, slack, floor):
         n_points, n_dims = augmented.shape[0], augmented.shape[1] - 2
         self.augmented, self.sq_norms, self.n_dims = augmented, sq_norms, n_dims
-        self.scale, self.slack, self.floor = scale, slack, floor
-        self.gamma = gamma
-        augmented[:, n_dims] = np.sqrt(gamma * sq_norms)  # (only per-point arrays needed are kept)
+        self.scale, self.gamma, self.slack, self.floor = scale, gamma, slack, floor
+        augmented[:, n_dims] = np.sqrt(gamma * sq_norms)  # r = sqrt(gamma) |x|, read back in intervals
         self.column = np.empty(n_points, dtype=np.float32)
         u = _UNIT_ROUNDOFF
         self._size_margin = np.float32(4.0 * (n_dims + 2) * u * (1.0 + gamma) + 8.0 * u)
