@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from numbers import Integral, Real
 
@@ -54,6 +56,22 @@ _PAIR_CHUNK = 65536
 _LOG_POINTS = 2
 # Data whose largest norm (after centring) lies in this range is not rescaled.
 _UNSCALED_RANGE = (2.0**-16, 2.0**16)
+# The bound's products may run in bfloat16 (float32 sums) where the CPU multiplies
+# bfloat16 in hardware (AMX or AVX512-BF16) and passes the check of
+# _bf16_sums_in_float32: 4x the float32 rate on our 2-core Xeon (AMX). Their margins
+# are wider (see _LowBound), so more pairs are listed and worked out: faster on
+# real patch features, slower on tight clusters. So _Chooser times both, batch by
+# batch, once _LOW_AFTER centres are selected (on fewer, the trial costs more than
+# it can save), for batches of at least _LOW_MIN_ROWS centres whose margin is
+# below _LOW_MAX_SPREAD of the squared distances that matter (a batch of tight
+# clusters at 1 to 14 took 2 to 7 times as long). _LOW_PRECISION None: so;
+# True: bfloat16 for every batch; False: float32 (tests force both).
+_LOW_PRECISION = None
+_PROBE_EVERY = 4
+_LOW_MIN_ROWS = 32
+_LOW_MAX_SPREAD = 0.25
+_LOW_AFTER = 1000
+_BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 # A centre whose bound cannot rule out more than this fraction of all points is
 # checked against every point (blocks of rows, nothing gathered) instead of
 # listing the rest of them: early on, when running distances are large, one
@@ -331,10 +349,11 @@ class _Bound:
     """
 
     def __init__(self, augmented, sq_norms, scale, gamma, slack, floor):
+        """``augmented``'s column ``n_dims`` must hold ``r = sqrt(gamma) |x|``."""
         n_points, n_dims = augmented.shape[0], augmented.shape[1] - 2
         self.augmented, self.sq_norms, self.n_dims = augmented, sq_norms, n_dims
         self.scale, self.gamma, self.slack, self.floor = scale, gamma, slack, floor
-        augmented[:, n_dims] = np.sqrt(gamma * sq_norms)  # r = sqrt(gamma) |x|, read back in intervals
+        self.roots = augmented[:, n_dims]  # r, read back in intervals
         self.column = np.empty(n_points, dtype=np.float32)
         u = _UNIT_ROUNDOFF
         self._size_margin = np.float32(4.0 * (n_dims + 2) * u * (1.0 + gamma) + 8.0 * u)
@@ -352,6 +371,10 @@ class _Bound:
         (m_i (1 + slack))^2; the centre's row has 1 in the last column, so the
         product subtracts half_point_i.
         """
+        self.augmented[:, self.n_dims + 1] = self._aim_column(min_dist)
+
+    def _aim_column(self, min_dist) -> np.ndarray:
+        """``-half_point`` of every point for running distances ``min_dist``, in ``self.column``."""
         column = self.column
         scaled = min_dist * np.float32(self.scale)  # exact: a power of two
         # Worked out in a contiguous array, then written to the strided column once.
@@ -359,7 +382,7 @@ class _Bound:
         np.subtract(column, np.multiply(self.sq_norms, 1.0 - self.gamma, out=scaled), out=column)
         column *= 0.5
         column += self.floor
-        self.augmented[:, self.n_dims + 1] = column
+        return column
 
     def intervals(self, values, rows, centres):
         """Float32 ``lo <= d <= hi`` for the plain loop's distance ``d`` of each candidate pair.
@@ -380,15 +403,29 @@ class _Bound:
         float32.
         """
         column = self.column[rows]
+        estimate = self._estimate(values, rows, centres, column)
+        margin = self._size_margin * self._size(rows, centres)
+        margin += self._column_margin * np.abs(column)
+        return self._ends(estimate, margin)
+
+    def _estimate(self, values, rows, centres, column):
+        """|x_i - x_s|^2 from the product entries ``values``, in float64 (the terms are float32)."""
         estimate = np.add(self.sq_norms[rows], self.sq_norms[centres], dtype=np.float64)
         estimate -= 2.0 * values  # (doubling a float32 is exact)
         estimate += 2.0 * column
-        roots = self.augmented[:, self.n_dims]
+        roots = self.roots
         estimate += 2.0 * (roots[rows] * roots[centres])
+        return estimate
+
+    def _size(self, rows, centres):
+        """(|x_i| + |x_s|)^2, in float32."""
         size = np.sqrt(self.sq_norms[rows]) + np.sqrt(self.sq_norms[centres])
         size *= size
-        margin = self._size_margin * size
-        margin += self._column_margin * np.abs(column)
+        return size
+
+    def _ends(self, estimate, margin):
+        """Float32 ``lo, hi`` around the plain loop's distance, from the squared
+        distance ``estimate`` (float64) and its ``margin``."""
         ends = []
         for sign in (1.0, -1.0):
             end = np.add(estimate, sign * margin)  # float64
@@ -400,6 +437,101 @@ class _Bound:
             ends.append(end.astype(np.float32))
         hi, lo = ends
         return np.nextafter(lo, np.float32(-np.inf)).clip(0.0), np.nextafter(hi, np.float32(np.inf))
+
+
+class _LowBound(_Bound):
+    """The bound with its products in bfloat16: the same test, wider margins.
+
+    ``rows`` (bfloat16) are ``[x, r, c_hi, c_lo, 1, 1]`` for the points and
+    ``[x_s, r_s, 1, 1, -h_hi, -h_lo]`` for the centres, where ``c`` is the
+    point's last column of :class:`_Bound` (set by :meth:`aim`), ``h`` the
+    centre's half_center and ``hi + lo`` a split of a float32 value into two
+    bfloat16 ones (``lo`` rounds the exact remainder: within u_b^2 of the
+    value, u_b = 2^-8). So one product gives ``q = <a_i, a_s> - half_center_s``
+    directly, and a point is listed when ``q > 0``: its rounding to bfloat16
+    keeps the sign, so only the products' own rounding needs a margin.
+
+    That rounding (:func:`_bf16_sums_in_float32`: exact products, summed in
+    float32, rounded to bfloat16 once): x and r are rounded to bfloat16, so each
+    of their products is off by (2 u_b + u_b^2) of itself, in all at most
+    ``(2 u_b + u_b^2) (1 + gamma) |x_i| |x_s|``; the splits by ``u_b^2 (|c_i| +
+    h_s)``; the float32 sum of k = d + 5 terms by ``k u / (1 - k u)`` times
+    their sizes. With ``|x_i| |x_s| <= S / 4``, S = (|x_i| + |x_s|)^2, this is
+    ``beta_s S + beta_c (|c_i| + h_s)``. ``gamma`` is chosen so that
+    ``gamma S / 2`` is twice that error's part in S plus the float32 part of
+    :class:`_Bound` (norms, centring), ``slack`` to cover its part in m'^2 (as
+    c_i <= (m'^2 + |x_i|^2) / 2) twice, and the floor also covers products and
+    rounded entries below the normal range (``tiny`` each, or ``tiny`` times
+    the largest entry of the other side).
+
+    :meth:`intervals` reads ``q`` back: ``v = q + h_s`` in :class:`_Bound`'s
+    terms, off by the product's error plus ``q``'s rounding to bfloat16 (u_b
+    of it, from above ``u_b / (1 - u_b)`` of the rounded value), all twice over.
+    """
+
+    def __init__(self, augmented, sq_norms, scale, floor):
+        """``augmented``: :class:`_Bound`'s rows (the ``x`` part is read; the
+        caller may drop it afterwards)."""
+        n_points, n_dims = augmented.shape[0], augmented.shape[1] - 2
+        u, unit, tiny = _UNIT_ROUNDOFF, _BF16_UNIT, float(np.finfo(np.float32).tiny)
+        terms = n_dims + 5
+        gamma, slack, beta_s, beta_c = self.margins(n_dims)
+        radius = math.sqrt(float(sq_norms.max())) if n_points else 0.0  # in the bound's units
+        subnormal = tiny * (4 * terms + 4 * math.sqrt(terms) * (radius + 1.0))
+        super().__init__(augmented, sq_norms, scale, gamma, slack, floor + 2 * subnormal + 4 * tiny)
+        self.augmented = None
+        self.roots = np.sqrt(gamma * sq_norms)
+        self._size_margin = np.float32(4 * beta_s + 2 * n_dims * u + 8 * u)
+        self._column_margin = np.float32(4 * beta_c)
+        self._value_margin = np.float32(4 * unit / (1 - unit) * 1.01)
+        rows = torch.empty((n_points, terms), dtype=torch.bfloat16)
+        rows[:, :n_dims] = torch.from_numpy(augmented)[:, :n_dims]  # rounded to nearest
+        rows[:, n_dims] = torch.from_numpy(self.roots)
+        rows[:, n_dims + 3 :] = 1.0
+        self.rows = rows
+
+    @staticmethod
+    def margins(n_dims: int):
+        """``gamma``, ``slack``, ``beta_s`` and ``beta_c`` (see the class) for ``n_dims``."""
+        u, unit = _UNIT_ROUNDOFF, _BF16_UNIT
+        terms = n_dims + 5
+        sums = terms * u / (1.0 - terms * u)
+        most_gamma = 0.05  # gamma itself is far below (checked)
+        beta_s = 1.01 * (2 * unit + unit * unit + sums * (1 + unit) ** 2) * (1 + most_gamma) / 4
+        beta_c = 1.01 * (unit * unit + sums * (1 + unit) ** 2)
+        gamma = 4.0 * (beta_s + beta_c / 2 + 1.25 * (n_dims + 2) * u * (1 + most_gamma))
+        slack = max(_SLACK, 2 * (n_dims + 2) * u + 2.02 * beta_c)
+        assert gamma <= most_gamma
+        return gamma, slack, beta_s, beta_c
+
+    def aim(self, min_dist) -> None:
+        """Set the ``c`` columns (see the class) for running distances ``min_dist``."""
+        column = torch.from_numpy(self._aim_column(min_dist))
+        high = column.to(torch.bfloat16)
+        self.rows[:, self.n_dims + 1] = high
+        self.rows[:, self.n_dims + 2] = column - high.float()  # exact in float32, then rounded
+
+    def left(self, rows, half_center) -> torch.Tensor:
+        """The centres' rows ``[x_s, r_s, 1, 1, -h_hi, -h_lo]``."""
+        n_dims = self.n_dims
+        left = self.rows[torch.from_numpy(rows)]
+        left[:, n_dims + 1 : n_dims + 3] = 1.0
+        half = torch.from_numpy(half_center)
+        high = half.to(torch.bfloat16)
+        left[:, n_dims + 3] = -high
+        left[:, n_dims + 4] = high.float() - half
+        return left
+
+    def intervals(self, values, rows, centres):
+        """As :meth:`_Bound.intervals`, for ``values`` = the rounded ``q`` (see the class)."""
+        column = self.column[rows]
+        half = self.half_center(centres)  # the same float32 values as in the product
+        estimate = self._estimate(values, rows, centres, column)
+        estimate -= 2.0 * half
+        margin = self._size_margin * self._size(rows, centres)
+        margin += self._column_margin * (np.abs(column) + half)
+        margin += self._value_margin * np.abs(values)
+        return self._ends(estimate, margin)
 
 
 def _distances_to(points: np.ndarray, center: np.ndarray, pool) -> np.ndarray:
@@ -492,22 +624,40 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         # distances' own squares where the raw differences are that small (only for
         # data of about 1e-18 and below; in scaled units, where it then dominates).
         floor = 4 * (n_dims + 2) * tiny + min(1e30, (n_dims + 1) * tiny * scale * scale)
-        bound = _Bound(augmented, sq_norms, scale, gamma, slack, floor)
+        augmented[:, n_dims] = np.sqrt(gamma * sq_norms)  # r = sqrt(gamma) |x|
         running = _Running(points, starts, min_dist)
         if lazy:
             augmented[:, n_dims + 1] = sq_norms  # until the first batch
             running.bound(augmented, sq_norms, scale, gamma, slack, floor)
+        mode = _low_precision()
+        if mode == "always":  # its bfloat16 rows replace the float32 ones
+            bounds = [_LowBound(augmented, sq_norms, scale, floor)]
+            augmented = augmented_t = centered_t = None
+        else:  # the bfloat16 bound is made when first taken
+            bounds = [_Bound(augmented, sq_norms, scale, gamma, slack, floor), None]
+        chooser = _Chooser(1 if mode != "measured" else 2)
+        # The bfloat16 margin, gamma (|x| + |y|)^2 for points of average norm.
+        margin_size = 4.0 * _LowBound.margins(n_dims)[0] * float(np.mean(sq_norms, dtype=np.float64))
         min_dist = running.min_dist
         work = empty_buffer(_BLOCK_ROWS * min(max(1, _PRODUCT_FLOATS // _BLOCK_ROWS), n_points))
         selected = np.empty(n_select, dtype=np.int64)
-        count = 0
+        count, timing = 0, None
         while count < n_select:
             cutoff = running.settle_farthest(min(_BATCH_WIDTH, n_points))
+            if timing is not None:  # the last lowering's cost includes the exact values it left
+                chooser.record(*timing, time.perf_counter())
             batch, tau, tau_index = _farthest_batch(min_dist, min(_BATCH_WIDTH, n_points), cutoff)
             chosen = _batch_picks(points, batch, min_dist[batch], tau, tau_index, n_select - count)
             selected[count : count + len(chosen)] = chosen
             count += len(chosen)
             if count < n_select:  # after the last picks, no distance to them is needed
+                # The bfloat16 margin over the squared distance the batch started below.
+                spread = margin_size / max((tau * scale) ** 2, tiny)
+                which = chooser.pick(len(chosen), spread, count)
+                timing = (which, len(chosen), time.perf_counter())
+                if bounds[which] is None:
+                    bounds[which] = _LowBound(augmented, sq_norms, scale, floor)
+                bound = bounds[which]
                 _lower_to(chosen, points, bound, running, work, pool)
             if progress is not None:
                 progress.update(len(chosen))
@@ -526,9 +676,7 @@ def _lower_to(chosen, points, bound: _Bound, running: _Running, work, pool) -> N
     for start in range(0, len(chosen), _BLOCK_ROWS):
         rows = chosen[start : start + _BLOCK_ROWS]
         dense = np.zeros(len(rows), dtype=bool)
-        for listed, centres, values in _candidates(
-            rows, bound.augmented, bound.half_center(rows), work, dense
-        ):
+        for listed, centres, values in _candidates(rows, bound, work, dense):
             for first in range(0, len(listed), _PAIR_CHUNK):
                 pairs = slice(first, first + _PAIR_CHUNK)
                 lows, highs = bound.intervals(values[pairs], listed[pairs], centres[pairs])
@@ -545,6 +693,102 @@ def _torch_product(left: np.ndarray, right: np.ndarray, out: np.ndarray) -> None
         torch.mm(torch.from_numpy(left), torch.from_numpy(right), out=torch.from_numpy(out))
 
 
+def _low_precision():
+    """Whether the bound's products may run in bfloat16 (see ``_LOW_PRECISION``):
+    False, "always", or "measured" (batch by batch, as :class:`_Chooser` finds faster)."""
+    if _LOW_PRECISION is not None:
+        return "always" if _LOW_PRECISION else False
+    return "measured" if _bf16_hardware() else False
+
+
+class _Chooser:
+    """Which bound lowers the next batch: float32 products (0) or bfloat16 (1).
+
+    Both give the same indices; which is faster depends on the data. bfloat16
+    products cost a quarter, but their margins are wider: where the distances
+    that matter are small next to the points' norms (tight clusters far from
+    the mean), many more pairs are listed and worked out, and a batch took up
+    to 6 times as long; on MPDD and Magnetic Tile patch features, 0.5-0.85
+    times as long. So both are timed (the lowering and the exact values it
+    leaves for the next batch), per centre lowered, and the one that cost less
+    is taken; the other is tried again after ``_PROBE_EVERY`` batches, and
+    each time it loses, after twice as many. Batches of fewer than
+    ``_LOW_MIN_ROWS`` centres, where the product is a small part of the work,
+    stay in float32.
+    """
+
+    def __init__(self, n_bounds: int):
+        self.costs = [None] * n_bounds
+        self.wait, self.since, self.probing = _PROBE_EVERY, 0, False
+
+    def pick(self, n_rows: int, spread: float, n_done: int) -> int:
+        """The bound for a batch of ``n_rows`` centres; ``spread`` = the bfloat16
+        margin over the squared distances that matter (see _LOW_MAX_SPREAD)."""
+        if len(self.costs) == 1:
+            return 0
+        if n_rows < _LOW_MIN_ROWS or not spread <= _LOW_MAX_SPREAD or n_done < _LOW_AFTER:
+            return 0
+        if self.costs[0] is None or self.costs[1] is None:
+            return 0 if self.costs[0] is None else 1
+        best = int(self.costs[1] < self.costs[0])
+        self.since += 1
+        self.probing = self.since >= self.wait
+        if self.probing:
+            self.since = 0
+            return 1 - best
+        return best
+
+    def record(self, which: int, n_rows: int, started: float, now: float) -> None:
+        cost = (now - started) / max(1, n_rows)
+        if self.probing:
+            other = self.costs[1 - which]
+            self.wait = self.wait * 2 if other is not None and cost >= other else _PROBE_EVERY
+            self.probing = False
+        self.costs[which] = cost
+
+
+@functools.cache
+def _bf16_hardware() -> bool:
+    """The CPU multiplies bfloat16 in hardware, and torch's products sum in float32."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:  # not Linux: float32 products
+        return False
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags)) and _bf16_sums_in_float32()
+
+
+def _bf16_sums_in_float32(product=torch.mm) -> bool:
+    """Check the model that :class:`_LowBound`'s margins rest on: a bfloat16
+    product sums the exact products of its entries in float32, then rounds the
+    sum to bfloat16 once, to nearest.
+
+    A kernel that kept bfloat16 partial sums fails the first test (each addend
+    sits below half a bfloat16 unit of the running sum, so such sums go wrong by
+    far more than the model allows); the second compares random products, at
+    the bound's shapes, with their float64 values.
+    """
+    with cpu_float32():
+        ones = torch.ones((1, 256), dtype=torch.bfloat16)
+        steps = (1.0 + torch.arange(256, dtype=torch.float32) / 128).to(torch.bfloat16)
+        exact = float(steps.double().sum())  # 512 + 255 / 2: a float32 sum of these is exact
+        if float(product(ones, steps[:, None])) != float(torch.tensor(exact).to(torch.bfloat16)):
+            return False
+        generator = torch.Generator().manual_seed(0)
+        for n_dims in (16, 133, 1029):
+            left = torch.randn((64, n_dims), generator=generator).to(torch.bfloat16)
+            right = (torch.randn((n_dims, 512), generator=generator) * 8).to(torch.bfloat16)
+            right[-1] = 1e4  # one large column, like the bound's offsets
+            got = product(left, right).double()
+            exact = left.double() @ right.double()
+            sizes = left.double().abs() @ right.double().abs()
+            terms = n_dims * _UNIT_ROUNDOFF / (1 - n_dims * _UNIT_ROUNDOFF)
+            allowed = _BF16_UNIT * exact.abs() * (1 + _BF16_UNIT) + terms * sizes * (1 + _BF16_UNIT)
+            if not bool(((got - exact).abs() <= allowed).all()):
+                return False
+    return True
+
+
 def _plain_indices(points, min_dist, n_select, pool, progress) -> np.ndarray:
     """The plain loop itself: one exact pass over all points per selected point."""
     selected = np.empty(n_select, dtype=np.int64)
@@ -557,10 +801,10 @@ def _plain_indices(points, min_dist, n_select, pool, progress) -> np.ndarray:
     return selected
 
 
-def _candidates(rows, augmented, half_center, work, dense):
+def _candidates(rows, bound: _Bound, work, dense):
     """For each centre in ``rows``: the points its bound cannot rule out.
 
-    ``augmented`` rows are [x_i, sqrt(gamma) |x_i|, -half_point_i], where x_i is
+    ``bound.augmented`` rows are [x_i, sqrt(gamma) |x_i|, -half_point_i], where x_i is
     point i minus the mean (times a power of two, ``scale``, for data of
     extreme magnitude; m_i is scaled alike), with
     half_point_i = ((1 - gamma) |x_i|^2 - m'_i^2) / 2 - floor,
@@ -586,34 +830,53 @@ def _candidates(rows, augmented, half_center, work, dense):
     caller checks against every point: from the range where a centre turns
     dense on, none of its pairs is yielded. So however many points there are,
     the pairs in memory at once are at most the entries of ``work``, which
-    holds the products; ``half_center`` holds half_center_s of the centres
-    ``rows``.
+    holds the products. A :class:`_LowBound` makes the same test with its own
+    rows and margins, and its ``values`` are the products' ``q`` (see there).
     """
     # The product (see _torch_product) goes into the reused ``work`` buffer. The
     # listing runs on this thread: split over the pool it was slower on 2 cores.
-    n_points = len(augmented)
+    # With a _LowBound it runs in bfloat16 (``work`` holds int16: the entries'
+    # bits), gives q = entry - half_center_s, and lists where q > 0.
+    low = isinstance(bound, _LowBound)
+    n_points = len(bound.sq_norms)
     index_dtype = np.int32 if n_points < 2**31 else np.int64
     dense_limit = int(_DENSE_FRACTION * n_points)
-    left = augmented[rows]  # a copy
-    left[:, -1] = 1.0
-    thresholds = half_center[:, None]
+    half_center = bound.half_center(rows)
+    if low:  # as many bfloat16 entries as float32 ones, in the same memory
+        work = work.view(np.int16)[: len(work)]
+        left = bound.left(rows, half_center)
+        products = torch.from_numpy(work).view(torch.bfloat16)
+    else:
+        left = bound.augmented[rows]  # a copy
+        left[:, -1] = 1.0
+        thresholds = half_center[:, None]
     counts = np.zeros(len(rows), dtype=np.int64)
     step = max(1, len(work) // len(rows))
     for start in range(0, n_points, step):
-        chunk = augmented[start : start + step]
-        width = len(chunk)
-        bounds = work[: len(rows) * width].reshape(len(rows), width)
-        _torch_product(left, chunk.T, out=bounds)
-        flat = np.flatnonzero(bounds > thresholds)
-        local = flat // width
+        width = min(step, n_points - start)
+        if low:  # points x centres (twice as fast in bfloat16 as the other way round)
+            bounds = work[: len(rows) * width].reshape(width, len(rows))
+            out = products[: bounds.size].view(bounds.shape)
+            torch.mm(bound.rows[start : start + width], left.T, out=out)
+            # A positive bfloat16 has a positive int16 pattern; -0 and 0 do not.
+            flat = np.flatnonzero(bounds > 0)
+            points_at, local = np.divmod(flat, len(rows))
+        else:
+            bounds = work[: len(rows) * width].reshape(len(rows), width)
+            _torch_product(left, bound.augmented[start : start + width].T, out=bounds)
+            flat = np.flatnonzero(bounds > thresholds)
+            local = flat // width
+            points_at = flat - local * width
         counts += np.bincount(local, minlength=len(rows))
         dense |= counts > dense_limit
         if dense.any():
             keep = ~dense[local]
-            flat, local = flat[keep], local[keep]
-        cols = (flat - local * width + start).astype(index_dtype)
+            flat, local, points_at = flat[keep], local[keep], points_at[keep]
+        cols = (points_at + start).astype(index_dtype)
         centres, values = rows[local].astype(index_dtype), np.take(bounds.reshape(-1), flat)
-        del flat, local  # not held while the caller works on the pairs
+        if low:  # the bfloat16 bits, as the float32 of the same value
+            values = (values.astype(np.int32) << 16).view(np.float32)
+        del flat, local, points_at  # not held while the caller works on the pairs
         yield cols, centres, values
 
 

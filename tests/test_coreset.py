@@ -24,6 +24,17 @@ def clustered_points(n=3000, dims=32, seed=0):
     return (latent @ basis + 0.3 * rng.normal(size=(n, dims))).astype(np.float32)
 
 
+@pytest.fixture(params=["float32", "bfloat16"])
+def products(request, monkeypatch):
+    """The bound's products in float32, then in bfloat16 (float32 sums): the
+    package picks bfloat16 where the CPU has it; forced here, so both are tested
+    on any machine (without the hardware, bfloat16 is only slower)."""
+    from skpatchcore import _coreset
+
+    monkeypatch.setattr(_coreset, "_LOW_PRECISION", request.param == "bfloat16")
+    return request.param
+
+
 @pytest.mark.parametrize(
     "points",
     [
@@ -37,7 +48,7 @@ def clustered_points(n=3000, dims=32, seed=0):
     ids=["gaussian", "clustered", "duplicates", "grid"],
 )
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
-def test_fast_loop_selects_exactly_the_plain_loops_indices(points, fraction):
+def test_fast_loop_selects_exactly_the_plain_loops_indices(points, fraction, products):
     n_select = max(1, int(len(points) * fraction))
     starts = np.random.default_rng(2).choice(len(points), 10, replace=False)
     fast = greedy_indices_cpu(points, n_select, starts)
@@ -48,7 +59,7 @@ def test_fast_loop_selects_exactly_the_plain_loops_indices(points, fraction):
     "width,block_rows,product_floats", [(3, 1, 50), (16, 5, 300), (200, 64, 2**22), (200, 512, 5000)]
 )
 def test_narrow_batches_and_small_blocks_give_the_same_indices(
-    monkeypatch, width, block_rows, product_floats
+    monkeypatch, width, block_rows, product_floats, products
 ):
     """Batch edges (tau and its ties), bound rows split over blocks and points split
     over ranges (of a few dozen points) change nothing."""
@@ -68,7 +79,7 @@ def test_narrow_batches_and_small_blocks_give_the_same_indices(
 
 
 @pytest.mark.parametrize("offset, dims", [(1e3, 16), (1e4, 16), (1e4, 1024)])
-def test_far_apart_clusters_need_and_get_the_rounding_margin(offset, dims):
+def test_far_apart_clusters_need_and_get_the_rounding_margin(offset, dims, products):
     """Two tight clusters far from their common mean: the bound's float32 rounding is
     large next to the distances inside a cluster, and without the margin (gamma = 0)
     points that do get closer are missed and the indices change (seen at 16 dims).
@@ -79,6 +90,112 @@ def test_far_apart_clusters_need_and_get_the_rounding_margin(offset, dims):
     starts = rng.choice(len(points), 10, replace=False)
     fast = greedy_indices_cpu(points, 300, starts)
     np.testing.assert_array_equal(fast, greedy_coreset(points, 300, starts))
+
+
+@pytest.mark.parametrize("offset", [3.0, 1e3])
+def test_bfloat16_products_need_and_get_their_wider_margin(monkeypatch, offset):
+    """With the float32 products' margin, bfloat16 products miss points that do get
+    closer and the indices change; with their own margin they are the plain loop's."""
+    from skpatchcore import _coreset
+
+    monkeypatch.setattr(_coreset, "_LOW_PRECISION", True)
+    rng = np.random.default_rng(0)
+    side = np.where(np.arange(3000) < 1500, offset, -offset)[:, None]
+    points = (rng.normal(size=(3000, 16)) + side).astype(np.float32)
+    starts = rng.choice(len(points), 10, replace=False)
+    plain = greedy_coreset(points, 300, starts)
+    np.testing.assert_array_equal(greedy_indices_cpu(points, 300, starts), plain)
+    margins = _coreset._LowBound.margins
+
+    def float32_gamma(n_dims):
+        _, slack, beta_s, beta_c = margins(n_dims)
+        return max(_coreset._GAMMA, 4 * (n_dims + 2) * _coreset._UNIT_ROUNDOFF), slack, beta_s, beta_c
+
+    monkeypatch.setattr(_coreset._LowBound, "margins", staticmethod(float32_gamma))
+    assert not np.array_equal(greedy_indices_cpu(points, 300, starts), plain)
+
+
+def _summed_in_float32(left, right):
+    return (left.float() @ right.float()).to(torch.bfloat16)
+
+
+def _bfloat16_partial_sums(left, right):
+    total = None
+    for start in range(0, left.shape[1], 32):
+        part = left[:, start : start + 32].float() @ right[start : start + 32].float()
+        total = (part if total is None else total.float() + part).to(torch.bfloat16)
+    return total
+
+
+def _truncated(left, right):
+    exact = left.float() @ right.float()
+    return (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "product, accepted",
+    [(_summed_in_float32, True), (_bfloat16_partial_sums, False), (_truncated, False)],
+    ids=["float32-sums", "bfloat16-partial-sums", "truncated"],
+)
+def test_bfloat16_products_are_checked_before_use(product, accepted):
+    """The bfloat16 margins assume exact products summed in float32 and rounded once to
+    nearest; a kernel that keeps bfloat16 partial sums, or truncates, fails the check."""
+    from skpatchcore._coreset import _bf16_sums_in_float32
+
+    assert _bf16_sums_in_float32(product) is accepted
+
+
+def test_torch_bfloat16_products_pass_the_check_where_they_are_used():
+    from skpatchcore._coreset import _bf16_hardware, _bf16_sums_in_float32
+
+    assert not _bf16_hardware() or _bf16_sums_in_float32()
+
+
+def test_batches_switching_between_the_bounds_give_the_same_indices(monkeypatch):
+    """Lowering batch by batch with either bound (as the timed choice may) changes nothing."""
+    from skpatchcore import _coreset
+
+    picks = []
+
+    def alternate(self, n_rows, spread, n_done):
+        picks.append(len(picks) % 2)
+        return picks[-1]
+
+    monkeypatch.setattr(_coreset, "_low_precision", lambda: "measured")
+    monkeypatch.setattr(_coreset._Chooser, "pick", alternate)
+    monkeypatch.setattr(_coreset, "_BATCH_WIDTH", 40)
+    for points in (clustered_points(2000, 16, seed=2), np.random.default_rng(3).normal(size=(2000, 8))):
+        points = points.astype(np.float32)
+        starts = np.random.default_rng(4).choice(len(points), 10, replace=False)
+        picks.clear()
+        np.testing.assert_array_equal(
+            greedy_indices_cpu(points, 300, starts), greedy_coreset(points, 300, starts)
+        )
+        assert picks.count(1) >= 3
+
+
+def test_the_faster_bound_is_taken_and_the_other_tried_less_often(monkeypatch):
+    from skpatchcore import _coreset
+
+    monkeypatch.setattr(_coreset, "_PROBE_EVERY", 2)
+    chooser = _coreset._Chooser(2)
+    big, ok = _coreset._LOW_MIN_ROWS, 0.01
+    after = _coreset._LOW_AFTER
+    # small batches, wide margins and the first picks stay in float32, untimed
+    assert chooser.pick(big - 1, ok, after) == 0
+    assert chooser.pick(big, 10 * _coreset._LOW_MAX_SPREAD, after) == 0
+    assert chooser.pick(big, ok, after - 1) == 0
+    assert chooser.costs == [None, None]
+    taken = []
+    for _ in range(20):
+        which = chooser.pick(big, ok, after)
+        taken.append(which)
+        chooser.record(which, big, 0.0, 3.0 if which else 1.0)  # bfloat16 costs more here
+    assert taken[:2] == [0, 1]  # each timed once
+    tries = [at for at, which in enumerate(taken) if which == 1]
+    assert np.all(np.diff(tries) > 1) and np.diff(tries)[-1] > np.diff(tries)[0]  # tried ever less often
+    chooser.costs = [1.0, 0.5]  # now cheaper: taken
+    assert chooser.pick(big, ok, after) == 1
 
 
 @pytest.mark.parametrize("setting", bfloat16_settings(), ids=lambda s: s[0])
@@ -117,7 +234,7 @@ def _one_far_point(scale):
     ],
     ids=["one-far-point", "far-clusters", "tiny", "near-float-max", "below-2^-100"],
 )
-def test_extreme_magnitudes_give_the_plain_loops_indices(points):
+def test_extreme_magnitudes_give_the_plain_loops_indices(points, products):
     starts = np.random.default_rng(7).choice(len(points), 10, replace=False)
     n_select = len(points) // 10
     with np.errstate(over="ignore", invalid="ignore"):
@@ -172,7 +289,7 @@ def flush_denormals():
 
 @pytest.mark.parametrize("magnitude", [1e-18, 1e-19])
 @pytest.mark.parametrize("dims", [2, 32, 128])
-def test_flushed_subnormals_give_the_plain_loops_indices(flush_denormals, magnitude, dims):
+def test_flushed_subnormals_give_the_plain_loops_indices(flush_denormals, magnitude, dims, products):
     """With subnormals flushed, the plain loop's squares of tiny differences become 0,
     not a subnormal: the bounds' absolute floors allow for that (they once allowed only
     for gradual underflow, and such data crashed the batch selection or changed indices)."""
@@ -187,7 +304,7 @@ def test_flushed_subnormals_give_the_plain_loops_indices(flush_denormals, magnit
 
 
 @pytest.mark.parametrize("dense_fraction", [0.0, 0.01, 0.05, 1.0])
-def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, dense_fraction):
+def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, dense_fraction, products):
     """A centre whose candidate list would be long checks all points instead; same result."""
     from skpatchcore import _coreset
 
@@ -196,8 +313,8 @@ def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, 
     seen = []
     real = _coreset._candidates
 
-    def candidates(rows, augmented, half_center, work, dense):
-        for found in real(rows, augmented, half_center, work, dense):
+    def candidates(rows, bound, work, dense):
+        for found in real(rows, bound, work, dense):
             # no pairs of a centre already found dense (it is checked against every point)
             assert not np.isin(found[1], rows[dense]).any()
             yield found
@@ -375,14 +492,17 @@ def _recorded_pair_intervals(monkeypatch, points, starts, n_select):
     from skpatchcore import _coreset
 
     seen = []
-    real = _coreset._Bound.intervals
 
-    def record(self, values, rows, centres):
-        lo, hi = real(self, values, rows, centres)
-        seen.append((rows.copy(), centres.copy(), lo, hi))
-        return lo, hi
+    def recorder(real):
+        def record(self, values, rows, centres):
+            lo, hi = real(self, values, rows, centres)
+            seen.append((rows.copy(), centres.copy(), lo, hi))
+            return lo, hi
 
-    monkeypatch.setattr(_coreset._Bound, "intervals", record)
+        return record
+
+    for bound in (_coreset._Bound, _coreset._LowBound):
+        monkeypatch.setattr(bound, "intervals", recorder(bound.intervals))
     indices = greedy_indices_cpu(points, n_select, starts)
     return indices, [np.concatenate(part) for part in zip(*seen)]
 
@@ -399,7 +519,7 @@ def _recorded_pair_intervals(monkeypatch, points, starts, n_select):
         ),
     ],
 )
-def test_pair_intervals_hold_the_plain_loops_distances(monkeypatch, points):
+def test_pair_intervals_hold_the_plain_loops_distances(monkeypatch, points, products):
     """Each candidate pair's [lo, hi], read off the bound's product, holds the plain loop's
     float32 distance, and is narrow (else most pairs get worked out anyway)."""
     starts = np.random.default_rng(6).choice(len(points), 10, replace=False)
@@ -410,11 +530,14 @@ def test_pair_intervals_hold_the_plain_loops_distances(monkeypatch, points):
     assert len(exact) > 1000 and lo.dtype == hi.dtype == np.float32
     assert np.all(lo <= exact) and np.all(exact <= hi)
     positive = exact > 0
-    assert np.median((hi - lo)[positive] / exact[positive]) < 2e-3  # ~2e-4 at 16 dims, ~5e-4 at 300
+    # float32: ~2e-4 at 16 dims, ~5e-4 at 300; bfloat16 products: 2e-2 to 4e-2, but
+    # 6e-2 on small integers and 0.24 on the clusters (small distances, large norms)
+    widths = (hi - lo)[positive] / exact[positive]
+    assert np.median(widths) < (2e-3 if products == "float32" else 0.3)
 
 
 @pytest.mark.parametrize("widen", ["loose", "exact", "zero-low"])
-def test_pair_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
+def test_pair_intervals_of_any_width_give_the_same_indices(monkeypatch, widen, products):
     """Pairs' exact distances are worked out wherever an interval cannot decide: wide
     intervals (many worked out), zero-width ones and a low end of 0 all keep the indices."""
     from skpatchcore import _coreset
@@ -437,6 +560,7 @@ def test_pair_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
     current = {}
     monkeypatch.setattr(_coreset, "_pair_distances", pair_distances)
     monkeypatch.setattr(_coreset._Bound, "intervals", intervals)
+    monkeypatch.setattr(_coreset._LowBound, "intervals", intervals)
     counts = []
     for points in (
         clustered_points(2000, 16, seed=12),
@@ -454,7 +578,7 @@ def test_pair_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
         assert max(counts) > 1000  # many pairs needed their exact distance
 
 
-def test_waiting_distances_are_worked_out_when_the_log_grows(monkeypatch):
+def test_waiting_distances_are_worked_out_when_the_log_grows(monkeypatch, products):
     """Far outliers widen every interval, so many distances wait; past a size the
     log is worked out at once, with the same indices."""
     from skpatchcore import _coreset
@@ -495,7 +619,7 @@ def test_zero_dimensional_points_give_the_plain_loops_indices():
     np.testing.assert_array_equal(greedy_indices_cpu(points, 3, starts), greedy_coreset(points, 3, starts))
 
 
-def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features):
+def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features, products):
     images = textured_parts(8, seed=11)
     vectors = lite_features.transform(images).reshape(-1, 1024)
     rng = np.random.RandomState(0)
