@@ -485,7 +485,9 @@ class _LowBound(_Bound):
         self._column_margin = np.float32(4 * beta_c)
         self._value_margin = np.float32(4 * unit / (1 - unit) * 1.01)
         rows = torch.empty((n_points, terms), dtype=torch.bfloat16)
-        rows[:, :n_dims] = torch.from_numpy(augmented)[:, :n_dims]  # rounded to nearest
+        for start in range(0, n_points, _CHUNK_POINTS):  # (no temporary of the whole)
+            part = slice(start, start + _CHUNK_POINTS)
+            rows[part, :n_dims] = torch.from_numpy(augmented[part, :n_dims])  # rounded to nearest
         rows[:, n_dims] = torch.from_numpy(self.roots)
         rows[:, n_dims + 3 :] = 1.0
         self.rows = rows
