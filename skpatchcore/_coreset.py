@@ -639,7 +639,9 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
             bounds = [_Bound(augmented, sq_norms, scale, gamma, slack, floor), None]
         chooser = _Chooser(1 if mode != "measured" else 2)
         # The bfloat16 margin, gamma (|x| + |y|)^2 for points of average norm.
-        margin_size = 4.0 * _LowBound.margins(n_dims)[0] * float(np.mean(sq_norms, dtype=np.float64))
+        margin_size = 0.0
+        if mode == "measured":
+            margin_size = 4.0 * _LowBound.margins(n_dims)[0] * float(np.mean(sq_norms, dtype=np.float64))
         min_dist = running.min_dist
         work = empty_buffer(_BLOCK_ROWS * min(max(1, _PRODUCT_FLOATS // _BLOCK_ROWS), n_points))
         selected = np.empty(n_select, dtype=np.int64)
