@@ -718,20 +718,23 @@ class _Chooser:
     is taken; the other is tried again after ``_PROBE_EVERY`` batches, and
     each time it loses, after twice as many. Batches of fewer than
     ``_LOW_MIN_ROWS`` centres, where the product is a small part of the work,
-    stay in float32.
+    and the others that _LOW_PRECISION's comment names stay in float32, and
+    are not timed (their costs are not comparable).
     """
 
     def __init__(self, n_bounds: int):
         self.costs = [None] * n_bounds
-        self.wait, self.since, self.probing = _PROBE_EVERY, 0, False
+        self.wait, self.since, self.probing, self.timed = _PROBE_EVERY, 0, False, False
 
     def pick(self, n_rows: int, spread: float, n_done: int) -> int:
         """The bound for a batch of ``n_rows`` centres; ``spread`` = the bfloat16
         margin over the squared distances that matter (see _LOW_MAX_SPREAD)."""
+        self.timed = False  # a batch that had no choice is not compared
         if len(self.costs) == 1:
             return 0
         if n_rows < _LOW_MIN_ROWS or not spread <= _LOW_MAX_SPREAD or n_done < _LOW_AFTER:
             return 0
+        self.timed = True
         if self.costs[0] is None or self.costs[1] is None:
             return 0 if self.costs[0] is None else 1
         best = int(self.costs[1] < self.costs[0])
@@ -743,6 +746,8 @@ class _Chooser:
         return best
 
     def record(self, which: int, n_rows: int, started: float, now: float) -> None:
+        if not self.timed:
+            return
         cost = (now - started) / max(1, n_rows)
         if self.probing:
             other = self.costs[1 - which]

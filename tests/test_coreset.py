@@ -182,9 +182,9 @@ def test_the_faster_bound_is_taken_and_the_other_tried_less_often(monkeypatch):
     big, ok = _coreset._LOW_MIN_ROWS, 0.01
     after = _coreset._LOW_AFTER
     # small batches, wide margins and the first picks stay in float32, untimed
-    assert chooser.pick(big - 1, ok, after) == 0
-    assert chooser.pick(big, 10 * _coreset._LOW_MAX_SPREAD, after) == 0
-    assert chooser.pick(big, ok, after - 1) == 0
+    for args in ((big - 1, ok, after), (big, 10 * _coreset._LOW_MAX_SPREAD, after), (big, ok, after - 1)):
+        assert chooser.pick(*args) == 0
+        chooser.record(0, big, 0.0, 1.0)
     assert chooser.costs == [None, None]
     taken = []
     for _ in range(20):
