@@ -613,6 +613,19 @@ def test_waiting_distances_are_worked_out_when_the_log_grows(monkeypatch, produc
     assert flushes  # the log did reach its limit
 
 
+def test_selections_in_threads_side_by_side_give_the_plain_loops_indices():
+    """Selections running at once (each needs a product buffer; one is kept between
+    selections) do not share their working memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = [clustered_points(5000, 16, seed=seed) for seed in range(4)]
+    starts = [np.random.default_rng(seed).choice(5000, 10, replace=False) for seed in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        fast = list(pool.map(lambda k: greedy_indices_cpu(data[k], 200, starts[k]), range(4)))
+    for k in range(4):
+        np.testing.assert_array_equal(fast[k], greedy_coreset(data[k], 200, starts[k]))
+
+
 def test_zero_dimensional_points_give_the_plain_loops_indices():
     points = np.zeros((5, 0), dtype=np.float32)
     starts = np.array([0, 1])
