@@ -35,6 +35,19 @@ def products(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["kept", "streamed"])
+def rows_storage(request, monkeypatch):
+    """The bound's rows kept whole (small data), then made from the points a few
+    rows at a time whenever read (as for large data: here blocks of a few dozen
+    rows, so block edges fall everywhere)."""
+    from skpatchcore import _coreset
+
+    if request.param == "streamed":
+        monkeypatch.setattr(_coreset, "_KEEP_ROWS_BYTES", 0)
+        monkeypatch.setattr(_coreset, "_STREAM_BYTES", 5000)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "points",
     [
@@ -48,7 +61,7 @@ def products(request, monkeypatch):
     ids=["gaussian", "clustered", "duplicates", "grid"],
 )
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
-def test_fast_loop_selects_exactly_the_plain_loops_indices(points, fraction, products):
+def test_fast_loop_selects_exactly_the_plain_loops_indices(points, fraction, products, rows_storage):
     n_select = max(1, int(len(points) * fraction))
     starts = np.random.default_rng(2).choice(len(points), 10, replace=False)
     fast = greedy_indices_cpu(points, n_select, starts)
@@ -59,7 +72,7 @@ def test_fast_loop_selects_exactly_the_plain_loops_indices(points, fraction, pro
     "width,block_rows,product_floats", [(3, 1, 50), (16, 5, 300), (200, 64, 2**22), (200, 512, 5000)]
 )
 def test_narrow_batches_and_small_blocks_give_the_same_indices(
-    monkeypatch, width, block_rows, product_floats, products
+    monkeypatch, width, block_rows, product_floats, products, rows_storage
 ):
     """Batch edges (tau and its ties), bound rows split over blocks and points split
     over ranges (of a few dozen points) change nothing."""
@@ -151,7 +164,7 @@ def test_torch_bfloat16_products_pass_the_check_where_they_are_used():
     assert not _bf16_hardware() or _bf16_sums_in_float32()
 
 
-def test_batches_switching_between_the_bounds_give_the_same_indices(monkeypatch):
+def test_batches_switching_between_the_bounds_give_the_same_indices(monkeypatch, rows_storage):
     """Lowering batch by batch with either bound (as the timed choice may) changes nothing."""
     from skpatchcore import _coreset
 
@@ -234,7 +247,7 @@ def _one_far_point(scale):
     ],
     ids=["one-far-point", "far-clusters", "tiny", "near-float-max", "below-2^-100"],
 )
-def test_extreme_magnitudes_give_the_plain_loops_indices(points, products):
+def test_extreme_magnitudes_give_the_plain_loops_indices(points, products, rows_storage):
     starts = np.random.default_rng(7).choice(len(points), 10, replace=False)
     n_select = len(points) // 10
     with np.errstate(over="ignore", invalid="ignore"):
@@ -289,7 +302,9 @@ def flush_denormals():
 
 @pytest.mark.parametrize("magnitude", [1e-18, 1e-19])
 @pytest.mark.parametrize("dims", [2, 32, 128])
-def test_flushed_subnormals_give_the_plain_loops_indices(flush_denormals, magnitude, dims, products):
+def test_flushed_subnormals_give_the_plain_loops_indices(
+    flush_denormals, magnitude, dims, products, rows_storage
+):
     """With subnormals flushed, the plain loop's squares of tiny differences become 0,
     not a subnormal: the bounds' absolute floors allow for that (they once allowed only
     for gradual underflow, and such data crashed the batch selection or changed indices)."""
@@ -378,7 +393,7 @@ def _recorded_start_intervals(monkeypatch, points, starts):
         pytest.param(np.random.default_rng(5).normal(size=(1500, 1024)).astype(np.float32), id="1024-dims"),
     ],
 )
-def test_start_distance_intervals_hold_the_plain_loops_values(monkeypatch, points):
+def test_start_distance_intervals_hold_the_plain_loops_values(monkeypatch, points, rows_storage):
     """The lazy start's [lo, hi] holds each point's exact start distance, and is narrow."""
     from skpatchcore import _coreset
 
@@ -519,7 +534,7 @@ def _recorded_pair_intervals(monkeypatch, points, starts, n_select):
         ),
     ],
 )
-def test_pair_intervals_hold_the_plain_loops_distances(monkeypatch, points, products):
+def test_pair_intervals_hold_the_plain_loops_distances(monkeypatch, points, products, rows_storage):
     """Each candidate pair's [lo, hi], read off the bound's product, holds the plain loop's
     float32 distance, and is narrow (else most pairs get worked out anyway)."""
     starts = np.random.default_rng(6).choice(len(points), 10, replace=False)
@@ -632,7 +647,7 @@ def test_zero_dimensional_points_give_the_plain_loops_indices():
     np.testing.assert_array_equal(greedy_indices_cpu(points, 3, starts), greedy_coreset(points, 3, starts))
 
 
-def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features, products):
+def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features, products, rows_storage):
     images = textured_parts(8, seed=11)
     vectors = lite_features.transform(images).reshape(-1, 1024)
     rng = np.random.RandomState(0)
