@@ -653,11 +653,12 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
        alone, so every pick of the batch is known before any work on the
        other points.
     3. For the picks, one matrix product gives every point's squared distance
-       to them, up to a proven float32 error bound. A pick can lower a point's
-       ``m`` only if that bound says it *might* be closer; all other points
-       provably keep their ``m``.
+       to them, up to a proven error bound (float32 products, or bfloat16 ones
+       where the CPU has them and they are faster: :class:`_LowBound`). A pick
+       can lower a point's ``m`` only if that bound says it *might* be closer;
+       all other points provably keep their ``m``.
     4. The same product entry also bounds the candidate's distance from both
-       sides, to a few 1e-4 (relative). The running distances are kept as
+       sides, to a few 1e-4 (relative; a few 1e-2 from bfloat16). The running distances are kept as
        intervals (:class:`_Running`): a point's ``m`` is worked out exactly,
        with :func:`row_distances`' arithmetic (the plain loop's own), only when
        the point may be among the ``_BATCH_WIDTH + 1`` farthest, and then only
