@@ -80,6 +80,9 @@ _LOW_MIN_ROWS = 32
 _LOW_MAX_SPREAD = 0.25
 _LOW_AFTER = 1000
 _BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+# The bfloat16 margins' analysis takes gamma below this; it grows with the
+# dimension (8e-3 at 128, 0.05 from ~83,500 dimensions on): beyond, float32 only.
+_LOW_MOST_GAMMA = 0.05
 # A centre whose bound cannot rule out more than this fraction of all points is
 # checked against every point (blocks of rows, nothing gathered) instead of
 # listing the rest of them: early on, when running distances are large, that
@@ -578,6 +581,8 @@ class _LowBound(_Bound):
         self._size_margin = np.float32(4 * beta_s + 2 * n_dims * u + 8 * u)
         self._column_margin = np.float32(4 * beta_c)
         self._value_margin = np.float32(4 * unit / (1 - unit) * 1.01)
+        # Kept whole, whatever the size (unlike _Rows: made afresh each batch, they
+        # would cost their saving): half the float32 rows, 157 MB for 500,000 x 152.
         rows = torch.empty((n_points, terms), dtype=torch.bfloat16)
         for start in range(0, n_points, source.block_rows):  # (no temporary of the whole)
             block = source.block(start, start + source.block_rows, columns=False)
@@ -593,12 +598,11 @@ class _LowBound(_Bound):
         u, unit = _UNIT_ROUNDOFF, _BF16_UNIT
         terms = n_dims + 5
         sums = terms * u / (1.0 - terms * u)
-        most_gamma = 0.05  # gamma itself is far below (checked)
+        most_gamma = _LOW_MOST_GAMMA  # gamma itself is below (see _low_precision_for)
         beta_s = 1.01 * (2 * unit + unit * unit + sums * (1 + unit) ** 2) * (1 + most_gamma) / 4
         beta_c = 1.01 * (unit * unit + sums * (1 + unit) ** 2)
         gamma = 4.0 * (beta_s + beta_c / 2 + 1.25 * (n_dims + 2) * u * (1 + most_gamma))
         slack = max(_SLACK, 2 * (n_dims + 2) * u + 2.02 * beta_c)
-        assert gamma <= most_gamma
         return gamma, slack, beta_s, beta_c
 
     def aim(self, min_dist) -> None:
@@ -723,7 +727,7 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         running = _Running(points, starts, min_dist)
         if lazy:
             running.bound(rows, sq_norms, scale, gamma, slack, floor)
-        mode = _low_precision()
+        mode = _low_precision() if _LowBound.margins(n_dims)[0] <= _LOW_MOST_GAMMA else False
         if mode == "always":  # its bfloat16 rows replace the float32 ones
             bounds = [_LowBound(rows, sq_norms, scale, floor)]
             rows = None
@@ -752,9 +756,9 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
                 # The bfloat16 margin over the squared distance the batch started below.
                 spread = margin_size / max((tau * scale) ** 2, tiny)
                 which = chooser.pick(len(chosen), spread, count)
-                timing = (which, len(chosen), time.perf_counter())
                 if bounds[which] is None:
                     bounds[which] = _LowBound(rows, sq_norms, scale, floor)
+                timing = (which, len(chosen), time.perf_counter())  # (not the rows' making)
                 bound = bounds[which]
                 _lower_to(chosen, points, bound, running, work, pool)
             if progress is not None:
