@@ -209,22 +209,21 @@ class _Rows:
         if self.whole is not None:
             return self.whole[start:stop].numpy()
         stop = min(stop, self.n_points)
-        block = self._buffer[: stop - start]
-        self._centre(slice(start, stop), block[:, : self.n_dims])
-        if columns:
-            block[:, self.n_dims] = torch.from_numpy(self.roots[start:stop])
-            block[:, self.n_dims + 1] = torch.from_numpy(self.last[start:stop])
-        return block.numpy()
+        return self._make(slice(start, stop), self._buffer[: stop - start], columns)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """A copy of the rows at the indices ``rows``."""
         if self.whole is not None:
             return self.whole.numpy()[rows]
-        taken = torch.empty((len(rows), self.n_dims + 2))
-        self._centre(rows, taken[:, : self.n_dims])
-        taken[:, self.n_dims] = torch.from_numpy(self.roots[rows])
-        taken[:, self.n_dims + 1] = torch.from_numpy(self.last[rows])
-        return taken.numpy()
+        return self._make(rows, torch.empty((len(rows), self.n_dims + 2)), columns=True)
+
+    def _make(self, rows, out: torch.Tensor, columns: bool) -> np.ndarray:
+        """``out`` = the rows at ``rows`` (a slice or an index array), made from the points."""
+        self._centre(rows, out[:, : self.n_dims])
+        if columns:
+            out[:, self.n_dims] = torch.from_numpy(self.roots[rows])
+            out[:, self.n_dims + 1] = torch.from_numpy(self.last[rows])
+        return out.numpy()
 
 
 class _Running:
@@ -461,6 +460,26 @@ class _Bound:
         """The candidates' thresholds ``(1 - gamma) |x_s|^2 / 2`` of centres ``rows``."""
         return 0.5 * (1.0 - self.gamma) * self.sq_norms[rows]
 
+    def left(self, rows, half_center) -> np.ndarray:
+        """The centres' rows ``[x_s, r_s, 1]`` (a copy)."""
+        left = self.source.take(rows)
+        left[:, -1] = 1.0
+        return left
+
+    def most_points(self) -> int:
+        """The most points one product may take (the rows made at a time)."""
+        return self.source.block_rows
+
+    def listed(self, left, half_center, start: int, width: int, work: np.ndarray):
+        """The pairs of the centres ``left`` and the points ``start:start + width``
+        that the test keeps: (point offsets, centre positions, product entries).
+        ``work`` (float32) holds the product: centres x points."""
+        bounds = work[: len(left) * width].reshape(len(left), width)
+        _torch_product(left, self.source.block(start, start + width).T, out=bounds)
+        flat = np.flatnonzero(bounds > half_center[:, None])
+        local = flat // width
+        return flat - local * width, local, np.take(bounds.reshape(-1), flat)
+
     def aim(self, min_dist) -> None:
         """Set the last column to ``-half_point`` for running distances ``min_dist`` (upper ends).
 
@@ -598,7 +617,7 @@ class _LowBound(_Bound):
         u, unit = _UNIT_ROUNDOFF, _BF16_UNIT
         terms = n_dims + 5
         sums = terms * u / (1.0 - terms * u)
-        most_gamma = _LOW_MOST_GAMMA  # gamma itself is below (see _low_precision_for)
+        most_gamma = _LOW_MOST_GAMMA  # gamma itself is below (else float32 only)
         beta_s = 1.01 * (2 * unit + unit * unit + sums * (1 + unit) ** 2) * (1 + most_gamma) / 4
         beta_c = 1.01 * (unit * unit + sums * (1 + unit) ** 2)
         gamma = 4.0 * (beta_s + beta_c / 2 + 1.25 * (n_dims + 2) * u * (1 + most_gamma))
@@ -611,6 +630,22 @@ class _LowBound(_Bound):
         high = column.to(torch.bfloat16)
         self.rows[:, self.n_dims + 1] = high
         self.rows[:, self.n_dims + 2] = column - high.float()  # exact in float32, then rounded
+
+    def most_points(self) -> int:
+        return len(self.sq_norms)
+
+    def listed(self, left, half_center, start: int, width: int, work: np.ndarray):
+        """As :meth:`_Bound.listed`, the product in bfloat16 (``work`` holds as many
+        bfloat16 entries, their bits as int16), points x centres (twice as fast in
+        bfloat16 as the other way round); the entries are the products' ``q``."""
+        bits = work.view(np.int16)[: len(left) * width].reshape(width, len(left))
+        torch.mm(self.rows[start : start + width], left.T, out=torch.from_numpy(bits).view(torch.bfloat16))
+        # A positive bfloat16 has a positive int16 pattern; -0 and 0 do not.
+        flat = np.flatnonzero(bits > 0)
+        points_at, local = np.divmod(flat, len(left))
+        # The bfloat16 bits, as the float32 of the same value.
+        values = (np.take(bits.reshape(-1), flat).astype(np.int32) << 16).view(np.float32)
+        return points_at, local, values
 
     def left(self, rows, half_center) -> torch.Tensor:
         """The centres' rows ``[x_s, r_s, 1, 1, -h_hi, -h_lo]``."""
@@ -662,13 +697,13 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
        can lower a point's ``m`` only if that bound says it *might* be closer;
        all other points provably keep their ``m``.
     4. The same product entry also bounds the candidate's distance from both
-       sides, to a few 1e-4 (relative; a few 1e-2 from bfloat16). The running distances are kept as
-       intervals (:class:`_Running`): a point's ``m`` is worked out exactly,
-       with :func:`row_distances`' arithmetic (the plain loop's own), only when
-       the point may be among the ``_BATCH_WIDTH + 1`` farthest, and then only
-       from the distances whose intervals say they may be its minimum. So the
-       running distances the batches use are bit-identical to the plain
-       loop's, and so are the selected indices.
+       sides, to a few 1e-4 (relative; a few 1e-2 from bfloat16). The running
+       distances are kept as intervals (:class:`_Running`): a point's ``m`` is
+       worked out exactly, with :func:`row_distances`' arithmetic (the plain
+       loop's own), only when the point may be among the ``_BATCH_WIDTH + 1``
+       farthest, and then only from the distances whose intervals say they may
+       be its minimum. So the running distances the batches use are
+       bit-identical to the plain loop's, and so are the selected indices.
     5. The start distances (each point's mean distance to the start points,
        ``len(starts)`` exact passes in the plain loop) are bounded the same
        way, from one more small product, and worked out only where needed.
@@ -727,7 +762,8 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         running = _Running(points, starts, min_dist)
         if lazy:
             running.bound(rows, sq_norms, scale, gamma, slack, floor)
-        mode = _low_precision() if _LowBound.margins(n_dims)[0] <= _LOW_MOST_GAMMA else False
+        low_gamma = _LowBound.margins(n_dims)[0]
+        mode = _low_precision() if low_gamma <= _LOW_MOST_GAMMA else False
         if mode == "always":  # its bfloat16 rows replace the float32 ones
             bounds = [_LowBound(rows, sq_norms, scale, floor)]
             rows = None
@@ -737,11 +773,9 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         # The bfloat16 margin, gamma (|x| + |y|)^2 for points of average norm.
         margin_size = 0.0
         if mode == "measured":
-            margin_size = 4.0 * _LowBound.margins(n_dims)[0] * float(np.mean(sq_norms, dtype=np.float64))
+            margin_size = 4.0 * low_gamma * float(np.mean(sq_norms, dtype=np.float64))
         min_dist = running.min_dist
-        work = stack.enter_context(
-            _work_buffer(_BLOCK_ROWS * min(max(1, _PRODUCT_FLOATS // _BLOCK_ROWS), n_points))
-        )
+        work = stack.enter_context(_work_buffer(n_points))
         selected = np.empty(n_select, dtype=np.int64)
         count, timing = 0, None
         while count < n_select:
@@ -773,8 +807,11 @@ _SPARE_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _work_buffer(size: int):
-    """A float32 buffer of ``size`` entries: the spare one if free and of that size."""
+def _work_buffer(n_points: int):
+    """The float32 product buffer for ``n_points`` points: ``_BLOCK_ROWS`` rows of
+    up to ``_PRODUCT_FLOATS / _BLOCK_ROWS`` points; the spare one if free and of that size."""
+    full_width = max(1, _PRODUCT_FLOATS // _BLOCK_ROWS)
+    size = _BLOCK_ROWS * min(full_width, n_points)
     with _SPARE_LOCK:
         work = _SPARE_WORK.pop() if _SPARE_WORK and len(_SPARE_WORK[0]) == size else None
     if work is None:
@@ -782,7 +819,7 @@ def _work_buffer(size: int):
     try:
         yield work
     finally:
-        if size == _BLOCK_ROWS * max(1, _PRODUCT_FLOATS // _BLOCK_ROWS):
+        if n_points >= full_width:
             with _SPARE_LOCK:
                 if not _SPARE_WORK:
                     _SPARE_WORK.append(work)
@@ -962,52 +999,26 @@ def _candidates(rows, bound: _Bound, work, dense):
     holds the products. A :class:`_LowBound` makes the same test with its own
     rows and margins, and its ``values`` are the products' ``q`` (see there).
     """
-    # The product (see _torch_product) goes into the reused ``work`` buffer. The
-    # listing runs on this thread: split over the pool it was slower on 2 cores.
-    # With a _LowBound it runs in bfloat16 (``work`` holds int16: the entries'
-    # bits), gives q = entry - half_center_s, and lists where q > 0.
-    low = isinstance(bound, _LowBound)
+    # The product goes into the reused ``work`` buffer (see the bound's
+    # ``listed``). The listing runs on this thread: split over the pool it was
+    # slower on 2 cores.
     n_points = len(bound.sq_norms)
     index_dtype = np.int32 if n_points < 2**31 else np.int64
     dense_limit = int(_DENSE_FRACTION * n_points)
     half_center = bound.half_center(rows)
-    if low:  # as many bfloat16 entries as float32 ones, in the same memory
-        work = work.view(np.int16)[: len(work)]
-        left = bound.left(rows, half_center)
-        products = torch.from_numpy(work).view(torch.bfloat16)
-    else:
-        left = bound.source.take(rows)  # a copy
-        left[:, -1] = 1.0
-        thresholds = half_center[:, None]
+    left = bound.left(rows, half_center)
     counts = np.zeros(len(rows), dtype=np.int64)
-    step = max(1, len(work) // len(rows))
-    if not low:
-        step = min(step, bound.source.block_rows)
+    step = min(max(1, len(work) // len(rows)), bound.most_points())
     for start in range(0, n_points, step):
-        width = min(step, n_points - start)
-        if low:  # points x centres (twice as fast in bfloat16 as the other way round)
-            bounds = work[: len(rows) * width].reshape(width, len(rows))
-            out = products[: bounds.size].view(bounds.shape)
-            torch.mm(bound.rows[start : start + width], left.T, out=out)
-            # A positive bfloat16 has a positive int16 pattern; -0 and 0 do not.
-            flat = np.flatnonzero(bounds > 0)
-            points_at, local = np.divmod(flat, len(rows))
-        else:
-            bounds = work[: len(rows) * width].reshape(len(rows), width)
-            _torch_product(left, bound.source.block(start, start + width).T, out=bounds)
-            flat = np.flatnonzero(bounds > thresholds)
-            local = flat // width
-            points_at = flat - local * width
+        points_at, local, values = bound.listed(left, half_center, start, min(step, n_points - start), work)
         counts += np.bincount(local, minlength=len(rows))
         dense |= counts > dense_limit
         if dense.any():
             keep = ~dense[local]
-            flat, local, points_at = flat[keep], local[keep], points_at[keep]
+            points_at, local, values = points_at[keep], local[keep], values[keep]
         cols = (points_at + start).astype(index_dtype)
-        centres, values = rows[local].astype(index_dtype), np.take(bounds.reshape(-1), flat)
-        if low:  # the bfloat16 bits, as the float32 of the same value
-            values = (values.astype(np.int32) << 16).view(np.float32)
-        del flat, local, points_at  # not held while the caller works on the pairs
+        centres = rows[local].astype(index_dtype)
+        del local, points_at  # not held while the caller works on the pairs
         yield cols, centres, values
 
 
