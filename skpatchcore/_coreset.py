@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import threading
 import time
@@ -18,6 +17,9 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from .utils._bf16 import BF16_UNIT as _BF16_UNIT
+from .utils._bf16 import UNIT_ROUNDOFF as _UNIT_ROUNDOFF
+from .utils._bf16 import bf16_hardware as _bf16_hardware
 from .utils._buffers import empty_buffer
 from .utils._device import as_tensor, cpu_float32, float32_precision, resolve_device
 from .utils._pickling import VersionedPickleMixin
@@ -30,7 +32,6 @@ from .utils._validation import check_labels, check_patch_features
 # max(_GAMMA, 4 (d + 2) u), which for d = 128 leaves 2.6 times that.
 _SLACK = 1e-4
 _GAMMA = 5e-5
-_UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
 # The farthest _BATCH_WIDTH points form a batch, out of which the next picks are
 # found. Bound rows are made for up to _BLOCK_ROWS picks at a time (all of a
 # batch's, as _BATCH_WIDTH <= _BLOCK_ROWS), against as many points at a time as
@@ -79,7 +80,6 @@ _PROBE_EVERY = 4
 _LOW_MIN_ROWS = 32
 _LOW_MAX_SPREAD = 0.25
 _LOW_AFTER = 1000
-_BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 # The bfloat16 margins' analysis takes gamma below this; it grows with the
 # dimension (8e-3 at 128, 0.05 from ~83,500 dimensions on): beyond, float32 only.
 _LOW_MOST_GAMMA = 0.05
@@ -911,48 +911,6 @@ class _Chooser:
             self.wait = self.wait * 2 if other is not None and cost >= other else _PROBE_EVERY
             self.probing = False
         self.costs[which] = cost
-
-
-@functools.cache
-def _bf16_hardware() -> bool:
-    """The CPU multiplies bfloat16 in hardware, and torch's products sum in float32."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:  # not Linux: float32 products
-        return False
-    return bool({"amx_bf16", "avx512_bf16"} & set(flags)) and _bf16_sums_in_float32()
-
-
-def _bf16_sums_in_float32(product=torch.mm) -> bool:
-    """Check the model that :class:`_LowBound`'s margins rest on: a bfloat16
-    product sums the exact products of its entries in float32, then rounds the
-    sum to bfloat16 once, to nearest.
-
-    A kernel that kept bfloat16 partial sums fails the first test (each addend
-    sits below half a bfloat16 unit of the running sum, so such sums go wrong by
-    far more than the model allows); the second compares random products, at
-    the bound's shapes, with their float64 values.
-    """
-    with cpu_float32():
-        ones = torch.ones((1, 256), dtype=torch.bfloat16)
-        steps = (1.0 + torch.arange(256, dtype=torch.float32) / 128).to(torch.bfloat16)
-        exact = float(steps.double().sum())  # 512 + 255 / 2: a float32 sum of these is exact
-        if float(product(ones, steps[:, None])) != float(torch.tensor(exact).to(torch.bfloat16)):
-            return False
-        generator = torch.Generator().manual_seed(0)
-        for n_dims in (16, 133, 1029):
-            left = torch.randn((64, n_dims), generator=generator).to(torch.bfloat16)
-            right = (torch.randn((n_dims, 512), generator=generator) * 8).to(torch.bfloat16)
-            right[-1] = 1e4  # one large column, like the bound's offsets
-            got = product(left, right).double()
-            exact = left.double() @ right.double()
-            sizes = left.double().abs() @ right.double().abs()
-            terms = n_dims * _UNIT_ROUNDOFF / (1 - n_dims * _UNIT_ROUNDOFF)
-            allowed = _BF16_UNIT * exact.abs() * (1 + _BF16_UNIT) + terms * sizes * (1 + _BF16_UNIT)
-            if not bool(((got - exact).abs() <= allowed).all()):
-                return False
-    return True
 
 
 def _plain_indices(points, min_dist, n_select, pool, progress) -> np.ndarray:

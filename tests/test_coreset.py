@@ -9,6 +9,7 @@ import torch
 from benchmarks.plain import greedy_coreset
 from skpatchcore import GreedyCoresetSampler
 from skpatchcore._coreset import greedy_indices_cpu, greedy_indices_torch, project
+from skpatchcore.utils._bf16 import bf16_hardware, bf16_sums_in_float32
 
 from ._precision import bfloat16_settings
 from .conftest import textured_parts
@@ -31,7 +32,7 @@ def products(request, monkeypatch):
     on any machine (without the hardware, bfloat16 is only slower)."""
     from skpatchcore import _coreset
 
-    if request.param == "bfloat16" and not _coreset._bf16_sums_in_float32():
+    if request.param == "bfloat16" and not bf16_sums_in_float32():
         pytest.skip("torch's bfloat16 products here do not sum in float32")
     monkeypatch.setattr(_coreset, "_LOW_PRECISION", request.param == "bfloat16")
     return request.param
@@ -168,15 +169,11 @@ def _truncated(left, right):
 def test_bfloat16_products_are_checked_before_use(product, accepted):
     """The bfloat16 margins assume exact products summed in float32 and rounded once to
     nearest; a kernel that keeps bfloat16 partial sums, or truncates, fails the check."""
-    from skpatchcore._coreset import _bf16_sums_in_float32
-
-    assert _bf16_sums_in_float32(product) is accepted
+    assert bf16_sums_in_float32(product) is accepted
 
 
 def test_torch_bfloat16_products_pass_the_check_where_they_are_used():
-    from skpatchcore._coreset import _bf16_hardware, _bf16_sums_in_float32
-
-    assert not _bf16_hardware() or _bf16_sums_in_float32()
+    assert not bf16_hardware() or bf16_sums_in_float32()
 
 
 def test_batches_switching_between_the_bounds_give_the_same_indices(monkeypatch, rows_storage):

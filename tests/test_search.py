@@ -171,3 +171,212 @@ def test_on_cuda_an_approximate_index_falls_back_to_exact_search_with_a_warning(
     assert index.kind == "flat"
     squared, indices = index.search(queries, 5)
     assert (indices.cpu()[:, 0] == exact[1][:, 0]).double().mean().item() >= 0.999
+
+
+# --------------------------------------------------------------------------
+# Exact search with the bfloat16 candidate filter
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def filtered(monkeypatch):
+    """Exact CPU search through the bfloat16 filter, whatever this CPU has (without
+    bfloat16 hardware the product is only slower), where torch's products pass the
+    check its margins rest on."""
+    from skpatchcore import _search
+    from skpatchcore.utils._bf16 import bf16_sums_in_float32
+
+    if not bf16_sums_in_float32():
+        pytest.skip("torch's bfloat16 products here do not sum in float32")
+    monkeypatch.setattr(_search, "_LOW_PRECISION", True)
+    return _search
+
+
+def plain_search(bank: np.ndarray, queries: np.ndarray, k: int):
+    """Every pair's pair_distances, the k smallest per query (ties by index)."""
+    from skpatchcore._search import pair_distances
+
+    vectors = torch.from_numpy(bank)
+    squared = np.empty((len(queries), k), dtype=np.float32)
+    indices = np.empty((len(queries), k), dtype=np.int64)
+    for row, query in enumerate(queries):
+        distances = pair_distances(torch.from_numpy(query).expand(len(bank), -1), vectors).numpy()
+        indices[row] = np.argsort(distances, kind="stable")[:k]
+        squared[row] = distances[indices[row]]
+    return squared, indices
+
+
+def _search_data(kind: str, rng):
+    n_bank, n_queries, n_dims = 1500, 300, 48
+    if kind == "gaussian":
+        bank, queries = rng.normal(size=(n_bank, n_dims)), rng.normal(size=(n_queries, n_dims))
+    elif kind == "clustered":
+        bank, queries = clustered(n_bank, seed=3, n_dims=n_dims), clustered(n_queries, seed=4, n_dims=n_dims)
+    elif kind == "far offset":  # centring takes the offset out
+        bank = 1e3 + rng.normal(size=(n_bank, n_dims))
+        queries = 1e3 + rng.normal(size=(n_queries, n_dims))
+    elif kind == "shell":  # near-equal distances, close to the rounding of the product
+        bank = rng.normal(size=(n_bank, n_dims))
+        bank *= 30.0 / np.linalg.norm(bank, axis=1, keepdims=True)
+        queries = rng.normal(size=(n_queries, n_dims))
+    elif kind == "nonnegative":  # like pooled activations
+        bank = np.maximum(rng.normal(size=(n_bank, 256)), 0) * 3
+        queries = np.maximum(rng.normal(size=(n_queries, 256)), 0) * 3
+    elif kind == "ties":  # integer grid: many equal distances, decided by index
+        bank = rng.integers(0, 3, size=(n_bank, 4))
+        queries = rng.integers(0, 3, size=(n_queries, 4))
+    elif kind == "queries in the bank":
+        bank = rng.normal(size=(n_bank, n_dims))
+        queries = bank[rng.choice(n_bank, n_queries)] + rng.normal(scale=1e-3, size=(n_queries, n_dims)) * (
+            rng.random((n_queries, 1)) < 0.5
+        )
+    elif kind == "one dimension":
+        bank, queries = rng.normal(size=(200, 1)), rng.normal(size=(n_queries, 1))
+    elif kind == "tiny":  # squared distances near the bottom of float32's normal range
+        bank, queries = rng.normal(size=(n_bank, n_dims)), rng.normal(size=(n_queries, n_dims))
+        bank, queries = bank * 1e-17, queries * 1e-17
+    elif kind == "huge":
+        bank, queries = rng.normal(size=(n_bank, n_dims)), rng.normal(size=(n_queries, n_dims))
+        bank, queries = bank * 1e9, queries * 1e9
+    else:  # "wide"
+        bank, queries = rng.normal(size=(400, 1100)), rng.normal(size=(60, 1100))
+    return np.ascontiguousarray(bank, dtype=np.float32), np.ascontiguousarray(queries, dtype=np.float32)
+
+
+SEARCH_DATA = [
+    "gaussian",
+    "clustered",
+    "far offset",
+    "shell",
+    "nonnegative",
+    "ties",
+    "queries in the bank",
+    "one dimension",
+    "tiny",
+    "huge",
+    "wide",
+]
+
+
+@pytest.mark.parametrize("kind", SEARCH_DATA)
+@pytest.mark.parametrize("k", [1, 4])
+def test_filtered_search_equals_the_plain_search_exactly(filtered, kind, k):
+    """The same distances and indices, bit for bit, as computing every pair."""
+    bank, queries = _search_data(kind, np.random.default_rng(len(kind)))
+    index = NearestNeighborIndex(bank, CPU)
+    assert index.backend == "bfloat16-filter"
+    index._faiss_flat = lambda: pytest.fail("the filter left queries to faiss")
+    squared, indices = index.search(torch.from_numpy(queries), k)
+    expected_squared, expected_indices = plain_search(bank, queries, k)
+    np.testing.assert_array_equal(indices.numpy(), expected_indices)
+    np.testing.assert_array_equal(squared.numpy(), expected_squared)
+
+
+def test_filtered_search_agrees_with_faiss(filtered, bank, queries):
+    """faiss's float32 products round differently (|q|^2 + |b|^2 - 2 <q, b>): the
+    distances agree to float32 rounding and the neighbours are the same."""
+    squared, indices = NearestNeighborIndex(bank, CPU).search(queries, 5)
+    filtered._LOW_PRECISION = False
+    faiss_squared, faiss_indices = NearestNeighborIndex(bank, CPU).search(queries, 5)
+    torch.testing.assert_close(squared, faiss_squared, rtol=1e-5, atol=1e-4)
+    assert (indices == faiss_indices).double().mean().item() >= 0.999
+
+
+def test_the_filter_needs_its_margins(filtered, monkeypatch):
+    """Without the bfloat16 rounding margins, the filter drops true nearest
+    neighbours where distances differ by less than the product's rounding."""
+    bank, queries = _search_data("shell", np.random.default_rng(0))
+    expected = plain_search(bank, queries, 1)[1]
+    original = filtered._LowPrecisionFilter.__init__
+
+    def without_margins(self, bank):
+        original(self, bank)
+        self.margin = self.value_margin = self.exact_margin = self.floor = 0.0
+        self.column = np.zeros_like(self.column)
+
+    def to_nearest(values, factor):
+        rounded = torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16)
+        return rounded, rounded.double().numpy()
+
+    monkeypatch.setattr(filtered._LowPrecisionFilter, "__init__", without_margins)
+    monkeypatch.setattr(filtered, "_rounded_down", to_nearest)
+    indices = NearestNeighborIndex(bank, CPU).search(torch.from_numpy(queries), 1)[1].numpy()
+    assert not np.array_equal(indices, expected)
+
+
+@pytest.mark.parametrize(
+    "case", ["many candidates", "duplicated bank", "below the normal range", "out of range", "not finite"]
+)
+def test_queries_the_filter_leaves_are_searched_by_faiss(filtered, monkeypatch, case):
+    rng = np.random.default_rng(7)
+    bank, queries = _search_data("gaussian", rng)
+    if case == "many candidates":
+        monkeypatch.setattr(filtered, "_MOST_CANDIDATES", 1)  # every query with two or more
+    elif case == "duplicated bank":
+        bank[:200] = bank[0]
+        queries[:50] = bank[0] + 1e-4
+    elif case == "below the normal range":  # the filter's floor is above every distance
+        bank *= 1e-20
+        queries *= 1e-20
+    elif case == "out of range":
+        queries[5, 0] = 2.0**41
+    else:
+        queries[5, 0] = np.nan
+    index = NearestNeighborIndex(bank, CPU)
+    left = []
+    original = index._faiss_flat
+
+    def counted():
+        flat = original()
+        search = flat.search
+
+        class Counting:
+            def search(self, rows, k):
+                left.append(len(rows))
+                return search(rows, k)
+
+        return Counting()
+
+    monkeypatch.setattr(index, "_faiss_flat", counted)
+    squared, indices = index.search(torch.from_numpy(queries), 3)
+    assert left  # some queries, or the whole block, went to faiss
+    assert sum(left) < len(queries) or case not in ("many candidates", "duplicated bank")
+    if case == "not finite":
+        return  # faiss's answer for a NaN query is its own
+    expected_squared, expected_indices = plain_search(bank, queries, 3)
+    np.testing.assert_allclose(squared.numpy(), expected_squared, rtol=1e-5, atol=1e-3)
+    if case != "duplicated bank":  # equal vectors: either index is right
+        np.testing.assert_array_equal(indices.numpy(), expected_indices)
+
+
+def test_filtered_search_from_threads_at_once(filtered):
+    """Threads share the index (and take turns with its buffers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bank, queries = _search_data("clustered", np.random.default_rng(1))
+    index = NearestNeighborIndex(bank, CPU)
+    batches = [torch.from_numpy(queries[i::4].copy()) for i in range(4)]
+    expected = [index.search(batch, 2) for batch in batches]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda batch: index.search(batch, 2), batches * 3))
+    for got, want in zip(results, expected * 3):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_pair_distances_do_not_depend_on_the_other_rows():
+    from skpatchcore._search import pair_distances
+
+    rng = np.random.default_rng(0)
+    left, right = (torch.from_numpy(rng.normal(size=(700, 1024)).astype(np.float32)) for _ in range(2))
+    whole = pair_distances(left, right)
+    for start, stop in [(0, 1), (3, 4), (5, 133), (600, 700)]:
+        assert torch.equal(pair_distances(left[start:stop], right[start:stop]), whole[start:stop])
+
+
+def test_a_bank_out_of_the_filters_range_is_searched_by_faiss(filtered):
+    bank, queries = _search_data("gaussian", np.random.default_rng(2))
+    bank[3, 0] = 2.0**45
+    index = NearestNeighborIndex(bank, CPU)
+    assert index.backend == "faiss-cpu"
+    squared, indices = index.search(torch.from_numpy(queries), 2)
+    np.testing.assert_array_equal(indices.numpy(), plain_search(bank, queries, 2)[1])
