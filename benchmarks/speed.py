@@ -12,15 +12,22 @@ machine description, to ``<out>/speed.json`` and ``<out>/speed.md``:
    (``plain.greedy_coreset`` in NumPy, ``plain.greedy_coreset_torch`` in the
    reference code's style) on the same projected vectors of real mpdd
    features, at 10% and 1%. The indices must equal the NumPy loop's.
-3. **Whole pipeline.** Fit and predict of mpdd metal_plate at 1% and 10%, each
+3. **Search.** The exact search of ``NearestNeighborIndex`` (with the bfloat16
+   candidate filter where the CPU has bfloat16 hardware) against faiss's
+   ``IndexFlatL2`` (what the reference code searches with), on the coreset's
+   banks and the features of mpdd test images, 4 images a batch as predict
+   searches them. Distances and indices must equal a plain search of every pair
+   (``skpatchcore._search.pair_distances``) on a sample of queries.
+4. **Whole pipeline.** Fit and predict of mpdd metal_plate at 1% and 10%, each
    in a fresh process, against the reference implementation's numbers of
    issue 4.
-4. **Scale** (``--scale``). 1,000 synthetic "images" of 28 x 28 x 1024 patch
+5. **Scale** (``--scale``). 1,000 synthetic "images" of 28 x 28 x 1024 patch
    features (784k vectors) through ``GreedyCoresetSampler(ratio=0.01)`` and
    ``PatchCoreDetector.fit`` in a fresh process: time and peak RSS.
 
 The script exits with status 1 when an equivalence check fails (features off
-by more than ``--tol``, coreset indices not identical) or a part cannot run.
+by more than ``--tol``, coreset indices or search results not identical) or a
+part cannot run.
 """
 
 from __future__ import annotations
@@ -437,6 +444,7 @@ def bench_coreset(vectors: np.ndarray, ratios: list[float], seed: int, repeats: 
             "torch_loop_agreeing_prefix": torch_agree,
             "sampler_s": sampler_s,
             "sampler_matches_loop": sampler_same,
+            "indices": fast,  # (taken out by the caller: the banks of the search part)
         }
     return result
 
@@ -486,7 +494,134 @@ def coreset_table(result: dict) -> str:
 
 
 # --------------------------------------------------------------------------
-# 3. Whole pipeline
+# 3. Search
+# --------------------------------------------------------------------------
+
+SEARCH_BATCH_IMAGES = 4  # as PatchCorePipeline.predict_map searches on the CPU
+SEARCH_REPEATS = 5
+SEARCH_CHECKED_QUERIES = 600
+
+
+def plain_all_pairs(bank: np.ndarray, queries: np.ndarray, k: int):
+    """Every pair's ``pair_distances``, the k smallest per query (ties by index)."""
+    from skpatchcore._search import pair_distances
+
+    vectors = torch.from_numpy(bank)
+    squared = np.empty((len(queries), k), dtype=np.float32)
+    indices = np.empty((len(queries), k), dtype=np.int64)
+    for row, query in enumerate(queries):
+        distances = pair_distances(torch.from_numpy(query).expand(len(bank), -1), vectors).numpy()
+        indices[row] = np.argsort(distances, kind="stable")[:k]
+        squared[row] = distances[indices[row]]
+    return squared, indices
+
+
+class _CountedFlat:
+    """Wraps faiss's flat index, counting the queries the filter leaves to it."""
+
+    def __init__(self, index, left: list):
+        self.index, self.left = index, left
+
+    def search(self, rows, k):
+        self.left.append(len(rows))
+        return self.index.search(rows, k)
+
+
+def _search_one(bank: np.ndarray, batches: list, checked: np.ndarray, n_images: float) -> dict:
+    import faiss
+
+    from skpatchcore._search import NearestNeighborIndex
+
+    ours = NearestNeighborIndex(bank, torch.device("cpu"))
+    left = []
+    flat = ours._faiss_flat
+    ours._faiss_flat = lambda: _CountedFlat(flat(), left)
+    reference = faiss.IndexFlatL2(bank.shape[1])
+    reference.add(bank)
+    tensors = [torch.from_numpy(b) for b in batches]
+
+    def run_ours():
+        for b in tensors:
+            ours.search(b, 1)
+
+    def run_faiss():
+        for b in batches:
+            reference.search(b, 1)
+
+    run_ours(), run_faiss()  # warm both
+    left.clear()
+    ours_s = faiss_s = np.inf
+    for _ in range(SEARCH_REPEATS):  # interleaved, best of each
+        ours_s = min(ours_s, _timed(run_ours)[1])
+        faiss_s = min(faiss_s, _timed(run_faiss)[1])
+    squared, found = ours.search(torch.from_numpy(checked), 1)
+    plain_squared, plain_found = plain_all_pairs(bank, checked, 1)
+    faiss_squared, faiss_found = reference.search(checked, 1)
+    return {
+        "bank_size": len(bank),
+        "backend": ours.backend,
+        "ours_ms_per_image": 1000 * ours_s / n_images,
+        "faiss_ms_per_image": 1000 * faiss_s / n_images,
+        "speedup": faiss_s / ours_s,
+        "queries_left_to_faiss": sum(left) / SEARCH_REPEATS,
+        "checked_queries": len(checked),
+        "identical_to_plain": bool(
+            np.array_equal(found.numpy(), plain_found) and np.array_equal(squared.numpy(), plain_squared)
+        ),
+        "faiss_same_neighbour": float(np.mean(faiss_found == plain_found)),
+        "faiss_max_relative_difference": float(
+            np.max(np.abs(faiss_squared - plain_squared) / np.maximum(plain_squared, 1e-30))
+        ),
+    }
+
+
+def bench_search(vectors: np.ndarray, banks: dict, queries: np.ndarray, per_image: int) -> dict:
+    """The package's exact search vs faiss IndexFlatL2, batch by batch, per bank."""
+    batch = SEARCH_BATCH_IMAGES * per_image
+    batches = [queries[start : start + batch] for start in range(0, len(queries), batch)]
+    n_images = len(queries) / per_image
+    checked = queries[:: max(1, len(queries) // SEARCH_CHECKED_QUERIES)]
+    result = {"n_queries": len(queries), "n_images": n_images, "batch_images": SEARCH_BATCH_IMAGES}
+    result["banks"] = {
+        str(ratio): {
+            "ratio": ratio,
+            **_search_one(np.ascontiguousarray(vectors[indices]), batches, checked, n_images),
+        }
+        for ratio, indices in banks.items()
+    }
+    return result
+
+
+def search_table(result: dict) -> str:
+    headers = [
+        "bank",
+        "vectors",
+        "ours ms/img",
+        "faiss IndexFlatL2 ms/img",
+        "speed-up",
+        "ours: identical to all pairs",
+        "queries left to faiss",
+        "faiss: same neighbour / max rel. difference",
+    ]
+    rows = []
+    for r in result["banks"].values():
+        rows.append(
+            [
+                f"{100 * r['ratio']:g}% ({r['backend']})",
+                r["bank_size"],
+                fmt(r["ours_ms_per_image"], 2),
+                fmt(r["faiss_ms_per_image"], 2),
+                fmt_ratio(r["speedup"]),
+                f"{_yes(r['identical_to_plain'])} ({r['checked_queries']} queries)",
+                f"{r['queries_left_to_faiss']:g} of {result['n_queries']}",
+                f"{100 * r['faiss_same_neighbour']:.1f}% / {r['faiss_max_relative_difference']:.1e}",
+            ]
+        )
+    return markdown_table(headers, rows)
+
+
+# --------------------------------------------------------------------------
+# 4. Whole pipeline
 # --------------------------------------------------------------------------
 
 
@@ -893,7 +1028,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random_state")
     parser.add_argument("--threads", type=int, default=None, help="limit torch/faiss/BLAS threads")
     parser.add_argument(
-        "--skip", nargs="+", default=[], choices=["features", "coreset", "pipeline"], help="parts not to run"
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=["features", "coreset", "search", "pipeline"],
+        help="parts not to run (search needs the coreset part)",
     )
     parser.add_argument("--scale", action="store_true", help="also run the 784k-vector scale test")
     parser.add_argument(
@@ -992,9 +1131,21 @@ def main(argv: list[str] | None = None) -> int:
             vectors = transformer.transform(images)
         else:
             vectors = transformer.transform(train_paths[:count])
+        search_queries = None
+        if "search" not in args.skip:
+            if synthetic:
+                query_images = (
+                    synthetic_pixels(count // 2 or 1, args.seed + 2).permute(0, 2, 3, 1).numpy() * 255
+                ).astype(np.uint8)
+            else:
+                query_images = load_mvtec_category(mpdd_root).test_paths[: 8 if args.quick else 32]
+            search_queries = transformer.transform(query_images)
+            per_image = int(np.prod(search_queries.shape[1:3]))
+            search_queries = np.ascontiguousarray(search_queries.reshape(-1, search_queries.shape[-1]))
         vectors = vectors.reshape(-1, vectors.shape[-1])
         del transformer
         coreset = bench_coreset(vectors, args.ratios, args.seed, repeats, args.plain_steps)
+        banks = {r["ratio"]: r.pop("indices") for r in coreset["ratios"].values()}
         coreset["n_images"] = count
         payload["coreset"] = coreset
         for r in coreset["ratios"].values():
@@ -1019,6 +1170,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{FAST_CORESET_REPEATS} runs (ours) and of 3 runs (plain loops; one where a loop takes "
             "longer than a few seconds).\n\n" + coreset_table(coreset)
         )
+        if search_queries is not None:
+            print(f"Search: {len(search_queries)} query vectors against the coreset banks ...", flush=True)
+            search = bench_search(vectors, banks, search_queries, per_image)
+            payload["search"] = search
+            for r in search["banks"].values():
+                print(
+                    f"    {100 * r['ratio']:g}%: ours {r['ours_ms_per_image']:.2f} ms/img, faiss "
+                    f"{r['faiss_ms_per_image']:.2f} ms/img, identical {r['identical_to_plain']}"
+                )
+                if not r["identical_to_plain"]:
+                    failures.append(f"search {r['ratio']:g}: results differ from the all-pairs search")
+            sections.append(
+                f"### Search: {search['n_queries']} patch vectors of {search['n_images']:g} {source} test "
+                f"images against the coreset banks, {SEARCH_BATCH_IMAGES} images a batch, k = 1\n\n"
+                "Ours = `NearestNeighborIndex` (exact; `bfloat16-filter`: a bfloat16 product with proven "
+                "margins rules out pairs, the rest get exact float32 distances); faiss = `IndexFlatL2`, "
+                "the reference code's search. Best of "
+                f"{SEARCH_REPEATS} interleaved runs each. *Identical* = the same distances and indices, "
+                "bit for bit, as computing every pair with `skpatchcore._search.pair_distances` (ties by "
+                "index), on a sample of queries; faiss's float32 expansion "
+                "(|q|^2 + |b|^2 - 2 <q, b>) rounds differently, shown in the last column.\n\n"
+                + search_table(search)
+            )
 
     if "pipeline" not in args.skip:
         if have_mpdd:

@@ -220,9 +220,10 @@ class _LowPrecisionFilter:
     and indices (ties by index) as a plain search computing every pair with
     :func:`pair_distances`.
 
-    Both sides are centred on the bank's mean ``mu`` (float32), which leaves
-    the distances as they are and makes the norms, to which the rounding is
-    proportional, as small as they can be. With ``x = q - mu`` and
+    Both sides are centred on the bank's mean ``mu`` (float32) where that at
+    least halves the bank's squared norms (else ``mu = 0``): the distances stay
+    as they are, and the norms, to which the rounding is proportional, become
+    as small as they can be. With ``x = q - mu`` and
     ``y = b - mu``, the product takes query rows ``[x, 1, c]`` and bank rows
     ``[-2 y, w, 1]``, rounded to bfloat16 (x from float32, y from float64 via
     float32: each entry within ``e = u_b + u + u_b u`` of itself), where
@@ -283,12 +284,16 @@ class _LowPrecisionFilter:
         sq_norms = np.empty(n_vectors)
         block_rows = max(1, (1 << 19) // max(1, n_dims))
         with np.errstate(all="ignore"):  # (a bank out of range is found below)
-            mean = bank.mean(axis=0, dtype=np.float64).astype(np.float32)
+            mean = bank.mean(axis=0, dtype=np.float64)
+            spread = np.einsum("ij,ij->", bank, bank, dtype=np.float64) / max(1, n_vectors)
+            # Centred only where that takes out half the squared norms or more (it
+            # costs a pass over the queries; MPDD's features lose a fifth).
+            mean = (mean if mean @ mean >= spread / 2 else np.zeros_like(mean)).astype(np.float32)
             for start in range(0, n_vectors, block_rows):
                 centred = bank[start : start + block_rows] - mean.astype(np.float64)
                 sq_norms[start : start + len(centred)] = np.einsum("ij,ij->i", centred, centred)
                 rows[start : start + len(centred), :n_dims] = torch.from_numpy(centred.astype(np.float32))
-        self.mean = torch.from_numpy(mean)
+        self.mean = torch.from_numpy(mean) if mean.any() else None
         self.usable = bool(np.isfinite(sq_norms).all() and sq_norms.max(initial=0.0) <= _LARGEST_ENTRY**2)
         if not self.usable:  # (NearestNeighborIndex then uses faiss alone)
             return
@@ -311,7 +316,11 @@ class _LowPrecisionFilter:
         with self._workspace(min(step, n_queries)) as space:
             for start in range(0, n_queries, step):
                 block = torch.from_numpy(queries[start : start + step])
-                centred = torch.sub(block, self.mean, out=space.centred[: len(block)])
+                centred = (
+                    block
+                    if self.mean is None
+                    else torch.sub(block, self.mean, out=space.centred[: len(block)])
+                )
                 norms = torch.linalg.vector_norm(centred, dim=1).numpy().astype(np.float64)
                 if not (np.isfinite(norms).all() and norms.max() <= _LARGEST_ENTRY):
                     leftover.append(np.arange(start, start + len(block)))

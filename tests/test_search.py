@@ -219,6 +219,11 @@ def _search_data(kind: str, rng):
         bank = rng.normal(size=(n_bank, n_dims))
         bank *= 30.0 / np.linalg.norm(bank, axis=1, keepdims=True)
         queries = rng.normal(size=(n_queries, n_dims))
+    elif kind == "tight clusters":  # 50 clusters of 30: near-ties the product cannot tell apart
+        centres = rng.normal(size=(50, n_dims))
+        centres *= 100.0 / np.linalg.norm(centres, axis=1, keepdims=True)
+        bank = np.repeat(centres, 30, axis=0) + rng.normal(size=(n_bank, n_dims)) * 0.05
+        queries = centres[rng.integers(0, 50, n_queries)] + rng.normal(size=(n_queries, n_dims)) * 3
     elif kind == "nonnegative":  # like pooled activations
         bank = np.maximum(rng.normal(size=(n_bank, 256)), 0) * 3
         queries = np.maximum(rng.normal(size=(n_queries, 256)), 0) * 3
@@ -248,6 +253,7 @@ SEARCH_DATA = [
     "clustered",
     "far offset",
     "shell",
+    "tight clusters",
     "nonnegative",
     "ties",
     "queries in the bank",
@@ -285,7 +291,7 @@ def test_filtered_search_agrees_with_faiss(filtered, bank, queries):
 def test_the_filter_needs_its_margins(filtered, monkeypatch):
     """Without the bfloat16 rounding margins, the filter drops true nearest
     neighbours where distances differ by less than the product's rounding."""
-    bank, queries = _search_data("shell", np.random.default_rng(0))
+    bank, queries = _search_data("tight clusters", np.random.default_rng(0))
     expected = plain_search(bank, queries, 1)[1]
     original = filtered._LowPrecisionFilter.__init__
 
@@ -380,3 +386,13 @@ def test_a_bank_out_of_the_filters_range_is_searched_by_faiss(filtered):
     assert index.backend == "faiss-cpu"
     squared, indices = index.search(torch.from_numpy(queries), 2)
     np.testing.assert_array_equal(indices.numpy(), plain_search(bank, queries, 2)[1])
+
+
+def test_the_filter_centres_only_where_it_halves_the_norms(filtered):
+    """A common offset (say 1e3 in every entry) would put the product's rounding
+    far above the distances; centring takes it out. Where the mean is small next
+    to the vectors it is not worth a pass over the queries."""
+    offset = NearestNeighborIndex(_search_data("far offset", np.random.default_rng(0))[0], CPU)._filter
+    assert offset.mean is not None and abs(float(offset.mean.mean()) - 1e3) < 1.0
+    plain = NearestNeighborIndex(_search_data("gaussian", np.random.default_rng(0))[0], CPU)._filter
+    assert plain.mean is None
