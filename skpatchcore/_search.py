@@ -2,9 +2,12 @@
 
 :class:`NearestNeighborIndex` hides where and how the search runs:
 
-- ``"flat"`` (exact): faiss ``IndexFlatL2`` on the CPU (BLAS on every core),
-  faiss on the GPU when faiss-gpu is importable, otherwise plain torch matrix
-  products on the CUDA device.
+- ``"flat"`` (exact): on a CPU that multiplies bfloat16 in hardware, one
+  bfloat16 product with proven error bounds rules out nearly every (query,
+  bank vector) pair and the rest get exact float32 distances
+  (:class:`_LowPrecisionFilter`: the same results as computing every pair);
+  elsewhere faiss ``IndexFlatL2`` (BLAS on every core). On CUDA: faiss on the
+  GPU when faiss-gpu is importable, otherwise plain torch matrix products.
 - ``"ivf"`` (approximate, CPU): faiss ``IndexIVFFlat``. k-means splits the
   bank into ``nlist`` cells; a query is compared only with the vectors of its
   ``nprobe`` nearest cells.
@@ -431,8 +434,9 @@ class NearestNeighborIndex:
     bank : ndarray of shape (n_vectors, n_features), float32
         The memory bank.
     device : torch.device
-        ``cpu``: a faiss index of kind ``index``. ``cuda``: exact search, with a
-        faiss GPU index when available, else torch on that device.
+        ``cpu``: a faiss index of kind ``index`` (exact search: the bfloat16
+        filter where the CPU has bfloat16 hardware). ``cuda``: exact search,
+        with a faiss GPU index when available, else torch on that device.
     allow_tf32 : bool, default=False
         Let the torch backend's matrix products use TensorFloat-32.
     index : {"flat", "ivf", "hnsw"} or dict, default="flat"
