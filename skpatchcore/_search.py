@@ -55,9 +55,13 @@ _MOST_CANDIDATES = 64
 # Pairs whose exact distances are worked out at once (1024-dim rows: 512 KB;
 # 128 took 25% less time than 512 on 4,326 pairs).
 _PAIR_ROWS = 128
-# The filter takes banks and queries whose entries stay below this in size
-# (their products and squared norms then stay far inside float32's range).
+# The filter takes banks and queries whose centred vectors' norms stay below
+# this (their products and squared norms then stay far inside float32's range).
 _LARGEST_ENTRY = 2.0**40
+# ... and vectors of at most this many dimensions: torch sums a single row of
+# 32,768 or more entries on several threads, so pair_distances of one pair
+# could then differ from the same pair's value among others.
+_MOST_DIMS = 16384
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 # Options a dict ``index`` may set, per kind (None: chosen from the bank size).
@@ -191,15 +195,14 @@ def _bf16_values(keys: np.ndarray) -> np.ndarray:
 
 
 def _rounded_down(values: np.ndarray, factor: float) -> tuple[torch.Tensor, np.ndarray]:
-    """bfloat16 numbers at most ``factor`` times ``values`` (float64, >= 0), and their values.
-
-    Rounding to float32 then to bfloat16 can each go up by a unit roundoff,
-    hence the division; below the normal range the rounding error is absolute
-    (at most ``TINY``), left to the caller's floor.
-    """
-    scaled = values * (factor / (1.0 + BF16_UNIT) ** 2)
-    down = torch.from_numpy(scaled.astype(np.float32)).to(torch.bfloat16)
-    return down, down.double().numpy()
+    """The largest bfloat16 numbers at most ``factor`` times ``values`` (float64, >= 0,
+    finite), and their values: rounded down to float32, then truncated to bfloat16
+    (for a non-negative number, dropping the low 16 bits rounds it down)."""
+    target = values * factor
+    single = target.astype(np.float32)
+    single = np.where(single > target, np.nextafter(single, np.float32(0.0)), single)
+    truncated = (single.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    return torch.from_numpy(truncated).to(torch.bfloat16), truncated.astype(np.float64)
 
 
 def _ceiling_keys(values: np.ndarray) -> np.ndarray:
@@ -231,7 +234,7 @@ class _LowPrecisionFilter:
     ``[-2 y, w, 1]``, rounded to bfloat16 (x from float32, y from float64 via
     float32: each entry within ``e = u_b + u + u_b u`` of itself), where
     ``c <= (1 - K) |x|^2`` and ``w <= (1 - K) |y|^2`` are bfloat16 numbers
-    (exactly known). Under the model that
+    rounded down (exactly known). Under the model that
     :func:`~skpatchcore.utils._bf16.bf16_sums_in_float32` checks (exact
     products, float32 sums, one rounding to bfloat16), its entry ``M`` is within
     ``K (|x|^2 + |y|^2) + u' |M| + floor`` of ``c + w - 2 <x, y>``: rounding the
@@ -250,8 +253,10 @@ class _LowPrecisionFilter:
       ``r_q = (1 + K) |x|^2 - c`` and ``v_b = (1 + K) |y|^2 - w`` (about 2 K
       of each squared norm).
 
-    For each query, the upper bounds of k bank vectors with the smallest ``M``
-    bound its k-th smallest distance from above (``tau``). Every bank vector
+    For each query, the upper bounds of k bank vectors with small ``M`` (the
+    smallest int16 bits: for negative ``M`` that is not the smallest value,
+    which only loosens the bound) bound its k-th smallest distance from above
+    (``tau``). Every bank vector
     whose lower bound is below ``tau`` (widened by the exact pass's own float32
     rounding, ``(d + 3) u`` of a distance) is a candidate; its int16 bits
     compare as the bfloat16 value does for the non-negative ones, and every
@@ -259,10 +264,12 @@ class _LowPrecisionFilter:
     norms of ``x`` in float32, taken within ``2 (d + 6) u`` of the exact value;
     ``|y|^2`` is worked out in float64.
 
-    A query with more than ``_MOST_CANDIDATES`` candidates (say duplicated bank
-    vectors) is searched by ``fallback`` (faiss) instead, as is a block of
-    queries with centred entries beyond ``_LARGEST_ENTRY`` or not finite; a
-    bank with such entries is not ``usable``.
+    A query with more than ``_MOST_CANDIDATES * k`` candidates (say duplicated
+    bank vectors) is searched by ``fallback`` (faiss, on the centred vectors)
+    instead, as is one whose centred norm is beyond ``_LARGEST_ENTRY`` or not
+    finite; their distances carry faiss's float32 rounding, not the exact
+    pass's. A bank with such a norm, or of more than ``_MOST_DIMS``
+    dimensions, is not ``usable``.
     """
 
     def __init__(self, bank: np.ndarray):
@@ -287,7 +294,7 @@ class _LowPrecisionFilter:
         sq_norms = np.empty(n_vectors)
         block_rows = max(1, (1 << 19) // max(1, n_dims))
         with np.errstate(all="ignore"):  # (a bank out of range is found below)
-            mean = bank.mean(axis=0, dtype=np.float64)
+            mean = bank.sum(axis=0, dtype=np.float64) / max(1, n_vectors)
             spread = np.einsum("ij,ij->", bank, bank, dtype=np.float64) / max(1, n_vectors)
             # Centred only where that takes out half the squared norms or more (it
             # costs a pass over the queries; MPDD's features lose a fifth).
@@ -297,7 +304,12 @@ class _LowPrecisionFilter:
                 sq_norms[start : start + len(centred)] = np.einsum("ij,ij->i", centred, centred)
                 rows[start : start + len(centred), :n_dims] = torch.from_numpy(centred.astype(np.float32))
         self.mean = torch.from_numpy(mean) if mean.any() else None
-        self.usable = bool(np.isfinite(sq_norms).all() and sq_norms.max(initial=0.0) <= _LARGEST_ENTRY**2)
+        self.usable = bool(
+            n_vectors
+            and n_dims <= _MOST_DIMS
+            and np.isfinite(sq_norms).all()
+            and sq_norms.max(initial=0.0) <= _LARGEST_ENTRY**2
+        )
         if not self.usable:  # (NearestNeighborIndex then uses faiss alone)
             return
         rows[:, :n_dims] *= -2.0  # exact in bfloat16
@@ -325,13 +337,19 @@ class _LowPrecisionFilter:
                     else torch.sub(block, self.mean, out=space.centred[: len(block)])
                 )
                 norms = torch.linalg.vector_norm(centred, dim=1).numpy().astype(np.float64)
-                if not (np.isfinite(norms).all() and norms.max() <= _LARGEST_ENTRY):
-                    leftover.append(np.arange(start, start + len(block)))
-                    continue
+                rows = np.arange(start, start + len(block))
+                fit = norms <= _LARGEST_ENTRY  # (False for NaN)
+                if not fit.all():  # those rows go to faiss; the rest of the block stays
+                    leftover.append(rows[~fit])
+                    if not fit.any():
+                        continue
+                    rows, norms = rows[fit], norms[fit]
+                    keep = torch.from_numpy(fit)
+                    block, centred = block[keep], centred[keep]
                 done, block_squared, block_indices = self._block(block, centred, norms**2, k, space)
-                squared[start + done], indices[start + done] = block_squared, block_indices
-                if len(done) < len(block):
-                    leftover.append(start + np.setdiff1d(np.arange(len(block)), done))
+                squared[rows[done]], indices[rows[done]] = block_squared, block_indices
+                if len(done) < len(rows):
+                    leftover.append(np.setdiff1d(rows, rows[done]))
         if leftover:
             rows = np.concatenate(leftover)
             squared[rows], indices[rows] = fallback(queries[rows])
@@ -382,9 +400,13 @@ class _LowPrecisionFilter:
         limit /= 1.0 - self.value_margin
         listed = space.listed[:n_rows]
         np.less_equal(keys, _ceiling_keys(np.maximum(limit, 0.0))[:, None], out=listed)
+        most = _MOST_CANDIDATES * k
+        if np.count_nonzero(listed) > most * n_rows:  # rows over the limit: not gathered
+            over = np.count_nonzero(listed, axis=1) > most
+            listed[over] = False
         rows_at, bank_at = np.divmod(np.flatnonzero(listed), n_bank)
         counts = np.bincount(rows_at, minlength=n_rows)
-        keep = (counts >= k) & (counts <= _MOST_CANDIDATES * k)
+        keep = (counts >= k) & (counts <= most)
         if not keep.all():
             kept_pairs = keep[rows_at]
             rows_at, bank_at, counts = rows_at[kept_pairs], bank_at[kept_pairs], counts[keep]
@@ -461,6 +483,8 @@ class NearestNeighborIndex:
 
     def __init__(self, bank: np.ndarray, device: torch.device, allow_tf32: bool = False, index="flat"):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+        if self.bank.ndim != 2 or not len(self.bank):
+            raise ValueError(f"The memory bank must be a non-empty 2-d array; got shape {self.bank.shape}.")
         self.device = torch.device(device)
         self.allow_tf32 = allow_tf32
         self.kind, options = check_index(index)
@@ -502,11 +526,20 @@ class NearestNeighborIndex:
         return len(self.bank)
 
     def _faiss_flat(self):
-        """faiss's exact index, made when the bfloat16 filter first leaves a query."""
+        """faiss's exact index, made when the bfloat16 filter first leaves a query:
+        of the bank centred as the filter centres it (faiss's float32 expansion
+        |q|^2 + |b|^2 - 2 <q, b> loses digits with the norms)."""
         with self._lock:
             if self._index is None:
-                self._index, _ = _cpu_index(self.bank, "flat", {})
+                mean = self._filter.mean
+                centred = self.bank if mean is None else self.bank - mean.numpy()
+                self._index, _ = _cpu_index(centred, "flat", {})
             return self._index
+
+    def _faiss_left(self, queries: np.ndarray, k: int):
+        """faiss's search of the queries the filter leaves, centred alike."""
+        mean = self._filter.mean
+        return self._faiss_flat().search(queries if mean is None else queries - mean.numpy(), k)
 
     @property
     def bank_tensor(self) -> torch.Tensor:
@@ -522,10 +555,12 @@ class NearestNeighborIndex:
         visited (sorted by distance); a query for which it visited fewer than
         ``k`` is searched exactly instead.
         """
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+            raise ValueError(f"The number of neighbours k must be a positive int; got {k!r}.")
         k = min(k, len(self.bank))
         if self._filter is not None:
             batch = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
-            squared, indices = self._filter.search(batch, k, lambda rows: self._faiss_flat().search(rows, k))
+            squared, indices = self._filter.search(batch, k, lambda rows: self._faiss_left(rows, k))
             return torch.from_numpy(np.maximum(squared, 0.0, out=squared)), torch.from_numpy(indices)
         if self.backend != "torch":
             batch = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)

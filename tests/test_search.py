@@ -310,6 +310,45 @@ def test_the_filter_needs_its_margins(filtered, monkeypatch):
     assert not np.array_equal(indices, expected)
 
 
+def _aligned_case(rng):
+    """Entries just off a bfloat16 rounding midpoint, 1 + 2^-8 -+ 2^-20: the query
+    x and its copy in the bank round down together, their mirror image ``other``
+    rounds up, so the product's errors line up instead of cancelling (a few exact
+    extra coordinates set |x|^2; -x and -other keep the bank's mean at 0)."""
+    n_dims, n_extra = int(rng.integers(2, 300)), int(rng.integers(1, 4))
+    low, high = np.float32(1 + 2**-8 - 2**-20), np.float32(1 + 2**-8 + 2**-20)
+    extra = (rng.integers(0, 16 * max(2, int(np.sqrt(n_dims))), n_extra) / 16).astype(np.float32)
+    x = np.concatenate([np.full(n_dims, low, np.float32), extra])
+    other = np.concatenate([np.full(n_dims, high, np.float32), extra])
+    bank = np.array([other, x, -x, -other]) * np.float32(2.0 ** int(rng.integers(-30, 30)))
+    return np.ascontiguousarray(bank, np.float32), np.ascontiguousarray(bank[1:2], np.float32)
+
+
+@pytest.mark.parametrize("shrink", [1.0, 0.1])
+def test_the_filter_margin_is_needed_where_rounding_errors_line_up(filtered, monkeypatch, shrink):
+    """With its margin K, every case finds the query's own copy; with K a tenth
+    as large (and the norms' columns made to match), some cases miss it."""
+    original = filtered._LowPrecisionFilter.__init__
+
+    def shrunk(self, bank):
+        original(self, bank)
+        n_dims = self.n_dims
+        sq_norms = (self.column + self.rows[:, n_dims].double().numpy()) / (1.0 + self.margin)
+        self.margin *= shrink
+        self.rows[:, n_dims], bank_terms = filtered._rounded_down(sq_norms, 1.0 - self.margin)
+        self.column = (1.0 + self.margin) * sq_norms - bank_terms
+
+    monkeypatch.setattr(filtered._LowPrecisionFilter, "__init__", shrunk)
+    rng = np.random.default_rng(1)
+    missed = 0
+    for _ in range(600):
+        bank, queries = _aligned_case(rng)
+        index = NearestNeighborIndex(bank, CPU)
+        index._faiss_flat = lambda: pytest.fail("the filter left queries to faiss")
+        missed += int(index.search(torch.from_numpy(queries), 1)[1][0, 0]) != 1
+    assert (missed == 0) if shrink == 1.0 else (missed > 0)
+
+
 @pytest.mark.parametrize(
     "case", ["many candidates", "duplicated bank", "below the normal range", "out of range", "not finite"]
 )
@@ -345,8 +384,12 @@ def test_queries_the_filter_leaves_are_searched_by_faiss(filtered, monkeypatch, 
 
     monkeypatch.setattr(index, "_faiss_flat", counted)
     squared, indices = index.search(torch.from_numpy(queries), 3)
-    assert left  # some queries, or the whole block, went to faiss
-    assert sum(left) < len(queries) or case not in ("many candidates", "duplicated bank")
+    if case in ("out of range", "not finite"):
+        assert sum(left) == 1  # that query alone; the rest of its block stays with the filter
+    elif case == "below the normal range":
+        assert sum(left) == len(queries)
+    else:
+        assert 0 < sum(left) < len(queries)
     if case == "not finite":
         return  # faiss's answer for a NaN query is its own
     expected_squared, expected_indices = plain_search(bank, queries, 3)
@@ -396,3 +439,14 @@ def test_the_filter_centres_only_where_it_halves_the_norms(filtered):
     assert offset.mean is not None and abs(float(offset.mean.mean()) - 1e3) < 1.0
     plain = NearestNeighborIndex(_search_data("gaussian", np.random.default_rng(0))[0], CPU)._filter
     assert plain.mean is None
+
+
+def test_search_arguments_are_checked(filtered):
+    bank, queries = _search_data("gaussian", np.random.default_rng(0))
+    index = NearestNeighborIndex(bank, CPU)
+    with pytest.raises(ValueError, match="positive int; got 0"):
+        index.search(torch.from_numpy(queries), 0)
+    with pytest.raises(ValueError, match="non-empty 2-d array"):
+        NearestNeighborIndex(bank[:0], CPU)
+    squared, indices = index.search(torch.from_numpy(queries[:0]), 3)
+    assert squared.shape == indices.shape == (0, 3)

@@ -52,7 +52,11 @@ def bf16_sums_in_float32(product=torch.mm) -> bool:
         if float(product(ones, steps[:, None])) != float(torch.tensor(exact).to(torch.bfloat16)):
             return False
         generator = torch.Generator().manual_seed(0)
-        for n_left, n_dims, n_right in ((64, 16, 512), (64, 133, 512), (64, 1029, 512), (96, 1026, 640)):
+        # The coreset's shapes (odd widths), then the search's (widths padded to a
+        # multiple of 32, which AMX kernels take another way; one query row).
+        shapes = [(64, 16, 512), (64, 133, 512), (64, 1029, 512)]
+        shapes += [(1, 64, 700), (200, 160, 1500), (64, 1056, 640)]
+        for n_left, n_dims, n_right in shapes:
             left = torch.randn((n_left, n_dims), generator=generator).to(torch.bfloat16)
             right = (torch.randn((n_right, n_dims), generator=generator) * 8).to(torch.bfloat16)
             right[:, -1] = 1e4  # one large column, like the bound's offsets
