@@ -67,7 +67,7 @@ _LOG_POINTS = 2
 _UNSCALED_RANGE = (2.0**-16, 2.0**16)
 # The bound's products may run in bfloat16 (float32 sums) where the CPU multiplies
 # bfloat16 in hardware (AMX or AVX512-BF16) and passes the check of
-# _bf16_sums_in_float32: 4x the float32 rate on our 2-core Xeon (AMX). Their margins
+# utils._bf16.bf16_sums_in_float32: 4x the float32 rate on our 2-core Xeon (AMX). Their margins
 # are wider (see _LowBound), so more pairs are listed and worked out: faster on
 # real patch features, slower on tight clusters. So _Chooser times both, batch by
 # batch, once _LOW_AFTER centres are selected (on fewer, the trial costs more than
@@ -568,7 +568,7 @@ class _LowBound(_Bound):
     directly, and a point is listed when ``q > 0``: its rounding to bfloat16
     keeps the sign, so only the products' own rounding needs a margin.
 
-    That rounding (:func:`_bf16_sums_in_float32`: exact products, summed in
+    That rounding (:func:`~skpatchcore.utils._bf16.bf16_sums_in_float32`: exact products, summed in
     float32, rounded to bfloat16 once): x and r are rounded to bfloat16, so each
     of their products is off by (2 u_b + u_b^2) of itself, in all at most
     ``(2 u_b + u_b^2) (1 + gamma) |x_i| |x_s|``; the splits by ``u_b^2 (|c_i| +

@@ -58,6 +58,10 @@ _PAIR_ROWS = 128
 # The filter takes banks and queries whose centred vectors' norms stay below
 # this (their products and squared norms then stay far inside float32's range).
 _LARGEST_ENTRY = 2.0**40
+# The bank's bfloat16 rows come in multiples of this; the padding rows' entries
+# exceed every product of the real ones (squared norms below 2^80).
+_BANK_ROWS = 256
+_FAR = 2.0**100
 # ... and vectors of at most this many dimensions: torch sums a single row of
 # 32,768 or more entries on several threads, so pair_distances of one pair
 # could then differ from the same pair's value among others.
@@ -288,22 +292,32 @@ class _LowPrecisionFilter:
         self.norm_margin = 2.02 * (n_dims + 6) * u
         self.exact_margin = 1.01 * (n_dims + 3) * u
         # Zero columns up to a multiple of 32 (exact; AMX's tiles take 32 bfloat16
-        # entries: 1026 columns took 1.7x as long as 1056 on a 4,233-vector bank).
+        # entries: 1026 columns took 1.7x as long as 1056 on a 4,233-vector bank),
+        # and rows up to a multiple of _BANK_ROWS whose entries are all _FAR: torch
+        # makes a kernel for each new shape (~6 ms), and banks that differ by a few
+        # vectors (the folds of the threshold calibration) then share one.
         self.width = -(-(n_dims + 2) // 32) * 32
-        rows = torch.zeros((n_vectors, self.width), dtype=torch.bfloat16)
+        self.n_vectors = n_vectors
+        padded = -(-max(1, n_vectors) // _BANK_ROWS) * _BANK_ROWS
+        rows = torch.zeros((padded, self.width), dtype=torch.bfloat16)
         sq_norms = np.empty(n_vectors)
         block_rows = max(1, (1 << 19) // max(1, n_dims))
         with np.errstate(all="ignore"):  # (a bank out of range is found below)
             mean = bank.sum(axis=0, dtype=np.float64) / max(1, n_vectors)
-            spread = np.einsum("ij,ij->", bank, bank, dtype=np.float64) / max(1, n_vectors)
+            for start in range(0, n_vectors, block_rows):
+                block = bank[start : start + block_rows]
+                sq_norms[start : start + len(block)] = np.einsum("ij,ij->i", block, block, dtype=np.float64)
             # Centred only where that takes out half the squared norms or more (it
             # costs a pass over the queries; MPDD's features lose a fifth).
-            mean = (mean if mean @ mean >= spread / 2 else np.zeros_like(mean)).astype(np.float32)
+            centre = bool(mean @ mean >= sq_norms.sum() / max(1, n_vectors) / 2)
+            mean = mean.astype(np.float32) if centre else None
             for start in range(0, n_vectors, block_rows):
-                centred = bank[start : start + block_rows] - mean.astype(np.float64)
-                sq_norms[start : start + len(centred)] = np.einsum("ij,ij->i", centred, centred)
-                rows[start : start + len(centred), :n_dims] = torch.from_numpy(centred.astype(np.float32))
-        self.mean = torch.from_numpy(mean) if mean.any() else None
+                block = bank[start : start + block_rows]
+                if centre:
+                    block = block - mean.astype(np.float64)
+                    sq_norms[start : start + len(block)] = np.einsum("ij,ij->i", block, block)
+                rows[start : start + len(block), :n_dims] = torch.from_numpy(block)
+        self.mean = None if mean is None else torch.from_numpy(mean)
         self.usable = bool(
             n_vectors
             and n_dims <= _MOST_DIMS
@@ -312,9 +326,10 @@ class _LowPrecisionFilter:
         )
         if not self.usable:  # (NearestNeighborIndex then uses faiss alone)
             return
-        rows[:, :n_dims] *= -2.0  # exact in bfloat16
-        rows[:, n_dims], bank_terms = _rounded_down(sq_norms, 1.0 - self.margin)
+        rows[:n_vectors, :n_dims] *= -2.0  # exact in bfloat16
+        rows[:n_vectors, n_dims], bank_terms = _rounded_down(sq_norms, 1.0 - self.margin)
         rows[:, n_dims + 1] = 1.0
+        rows[n_vectors:, n_dims] = _FAR  # never a candidate, never among the k chosen
         self.rows = rows
         self.column = (1.0 + self.margin) * sq_norms - bank_terms  # v_b
         self._lock = threading.Lock()
@@ -326,7 +341,7 @@ class _LowPrecisionFilter:
         n_queries = len(queries)
         squared = np.empty((n_queries, k), dtype=np.float32)
         indices = np.empty((n_queries, k), dtype=np.int64)
-        step = max(16, _FILTER_ENTRIES // len(self.rows))
+        step = max(16, _FILTER_ENTRIES // len(self.rows))  # (rows of the product)
         leftover = []
         with self._workspace(min(step, n_queries)) as space:
             for start in range(0, n_queries, step):

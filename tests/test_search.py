@@ -332,10 +332,10 @@ def test_the_filter_margin_is_needed_where_rounding_errors_line_up(filtered, mon
 
     def shrunk(self, bank):
         original(self, bank)
-        n_dims = self.n_dims
-        sq_norms = (self.column + self.rows[:, n_dims].double().numpy()) / (1.0 + self.margin)
+        n_dims, real = self.n_dims, slice(0, self.n_vectors)
+        sq_norms = (self.column + self.rows[real, n_dims].double().numpy()) / (1.0 + self.margin)
         self.margin *= shrink
-        self.rows[:, n_dims], bank_terms = filtered._rounded_down(sq_norms, 1.0 - self.margin)
+        self.rows[real, n_dims], bank_terms = filtered._rounded_down(sq_norms, 1.0 - self.margin)
         self.column = (1.0 + self.margin) * sq_norms - bank_terms
 
     monkeypatch.setattr(filtered._LowPrecisionFilter, "__init__", shrunk)
