@@ -125,3 +125,19 @@ def greedy_coreset_torch(points, n_select, starts):
             new = batchwise(features, features[chosen : chosen + 1])
             running = torch.min(torch.cat([running, new], dim=-1), dim=1).values.reshape(-1, 1)
     return np.array(selected)
+
+
+def nearest_all_pairs(bank, queries, k):
+    """k-nearest-neighbour search the plain way: every (query, bank vector) pair's
+    squared distance with ``skpatchcore._search.pair_distances``, then the k
+    smallest per query, ties by index. Returns (squared distances, indices)."""
+    from skpatchcore._search import pair_distances
+
+    vectors = torch.from_numpy(bank)
+    squared = np.empty((len(queries), k), dtype=np.float32)
+    indices = np.empty((len(queries), k), dtype=np.int64)
+    for row, query in enumerate(queries):
+        distances = pair_distances(torch.from_numpy(query).expand(len(bank), -1), vectors).numpy()
+        indices[row] = np.argsort(distances, kind="stable")[:k]
+        squared[row] = distances[indices[row]]
+    return squared, indices

@@ -502,20 +502,6 @@ SEARCH_REPEATS = 5
 SEARCH_CHECKED_QUERIES = 600
 
 
-def plain_all_pairs(bank: np.ndarray, queries: np.ndarray, k: int):
-    """Every pair's ``pair_distances``, the k smallest per query (ties by index)."""
-    from skpatchcore._search import pair_distances
-
-    vectors = torch.from_numpy(bank)
-    squared = np.empty((len(queries), k), dtype=np.float32)
-    indices = np.empty((len(queries), k), dtype=np.int64)
-    for row, query in enumerate(queries):
-        distances = pair_distances(torch.from_numpy(query).expand(len(bank), -1), vectors).numpy()
-        indices[row] = np.argsort(distances, kind="stable")[:k]
-        squared[row] = distances[indices[row]]
-    return squared, indices
-
-
 class _CountedFlat:
     """Wraps faiss's flat index, counting the queries the filter leaves to it."""
 
@@ -555,7 +541,7 @@ def _search_one(bank: np.ndarray, batches: list, checked: np.ndarray, n_images: 
         ours_s = min(ours_s, _timed(run_ours)[1])
         faiss_s = min(faiss_s, _timed(run_faiss)[1])
     squared, found = ours.search(torch.from_numpy(checked), 1)
-    plain_squared, plain_found = plain_all_pairs(bank, checked, 1)
+    plain_squared, plain_found = plain.nearest_all_pairs(bank, checked, 1)
     faiss_squared, faiss_found = reference.search(checked, 1)
     return {
         "bank_size": len(bank),

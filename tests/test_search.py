@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.plain import nearest_all_pairs
 from skpatchcore import PatchCoreDetector
 from skpatchcore._search import NearestNeighborIndex, check_index, ivf_cells, ivf_probes
 from skpatchcore.metrics import image_auroc
@@ -192,20 +193,6 @@ def filtered(monkeypatch):
     return _search
 
 
-def plain_search(bank: np.ndarray, queries: np.ndarray, k: int):
-    """Every pair's pair_distances, the k smallest per query (ties by index)."""
-    from skpatchcore._search import pair_distances
-
-    vectors = torch.from_numpy(bank)
-    squared = np.empty((len(queries), k), dtype=np.float32)
-    indices = np.empty((len(queries), k), dtype=np.int64)
-    for row, query in enumerate(queries):
-        distances = pair_distances(torch.from_numpy(query).expand(len(bank), -1), vectors).numpy()
-        indices[row] = np.argsort(distances, kind="stable")[:k]
-        squared[row] = distances[indices[row]]
-    return squared, indices
-
-
 def _search_data(kind: str, rng):
     n_bank, n_queries, n_dims = 1500, 300, 48
     if kind == "gaussian":
@@ -273,7 +260,7 @@ def test_filtered_search_equals_the_plain_search_exactly(filtered, kind, k):
     assert index.backend == "bfloat16-filter"
     index._faiss_flat = lambda: pytest.fail("the filter left queries to faiss")
     squared, indices = index.search(torch.from_numpy(queries), k)
-    expected_squared, expected_indices = plain_search(bank, queries, k)
+    expected_squared, expected_indices = nearest_all_pairs(bank, queries, k)
     np.testing.assert_array_equal(indices.numpy(), expected_indices)
     np.testing.assert_array_equal(squared.numpy(), expected_squared)
 
@@ -292,7 +279,7 @@ def test_the_filter_needs_its_margins(filtered, monkeypatch):
     """Without the bfloat16 rounding margins, the filter drops true nearest
     neighbours where distances differ by less than the product's rounding."""
     bank, queries = _search_data("tight clusters", np.random.default_rng(0))
-    expected = plain_search(bank, queries, 1)[1]
+    expected = nearest_all_pairs(bank, queries, 1)[1]
     original = filtered._LowPrecisionFilter.__init__
 
     def without_margins(self, bank):
@@ -392,7 +379,7 @@ def test_queries_the_filter_leaves_are_searched_by_faiss(filtered, monkeypatch, 
         assert 0 < sum(left) < len(queries)
     if case == "not finite":
         return  # faiss's answer for a NaN query is its own
-    expected_squared, expected_indices = plain_search(bank, queries, 3)
+    expected_squared, expected_indices = nearest_all_pairs(bank, queries, 3)
     np.testing.assert_allclose(squared.numpy(), expected_squared, rtol=1e-5, atol=1e-3)
     if case != "duplicated bank":  # equal vectors: either index is right
         np.testing.assert_array_equal(indices.numpy(), expected_indices)
@@ -428,7 +415,7 @@ def test_a_bank_out_of_the_filters_range_is_searched_by_faiss(filtered):
     index = NearestNeighborIndex(bank, CPU)
     assert index.backend == "faiss-cpu"
     squared, indices = index.search(torch.from_numpy(queries), 2)
-    np.testing.assert_array_equal(indices.numpy(), plain_search(bank, queries, 2)[1])
+    np.testing.assert_array_equal(indices.numpy(), nearest_all_pairs(bank, queries, 2)[1])
 
 
 def test_the_filter_centres_only_where_it_halves_the_norms(filtered):
@@ -450,3 +437,17 @@ def test_search_arguments_are_checked(filtered):
         NearestNeighborIndex(bank[:0], CPU)
     squared, indices = index.search(torch.from_numpy(queries[:0]), 3)
     assert squared.shape == indices.shape == (0, 3)
+
+
+def test_the_filter_is_used_for_long_vectors_on_bfloat16_hardware(monkeypatch):
+    """Below 512 dimensions the passes over the product's entries cost more than
+    the bfloat16 product saves: faiss searches."""
+    from skpatchcore import _search
+    from skpatchcore.utils._bf16 import bf16_hardware
+
+    monkeypatch.setattr(_search, "_LOW_PRECISION", None)
+    rng = np.random.default_rng(0)
+    short = NearestNeighborIndex(rng.normal(size=(100, 152)).astype(np.float32), CPU)
+    long = NearestNeighborIndex(rng.normal(size=(100, 512)).astype(np.float32), CPU)
+    assert short.backend == "faiss-cpu"
+    assert long.backend == ("bfloat16-filter" if bf16_hardware() else "faiss-cpu")
