@@ -2,11 +2,11 @@
 
 :class:`NearestNeighborIndex` hides where and how the search runs:
 
-- ``"flat"`` (exact): on a CPU that multiplies bfloat16 in hardware, one
-  bfloat16 product with proven error bounds rules out nearly every (query,
-  bank vector) pair and the rest get exact float32 distances
-  (:class:`_LowPrecisionFilter`: the same results as computing every pair);
-  elsewhere faiss ``IndexFlatL2`` (BLAS on every core). On CUDA: faiss on the
+- ``"flat"`` (exact): on a CPU that multiplies bfloat16 in hardware, for
+  vectors of 512 dimensions or more, one bfloat16 product with proven error
+  bounds rules out nearly every (query, bank vector) pair and the rest get
+  exact float32 distances (:class:`_LowPrecisionFilter`: the same results as
+  computing every pair); otherwise faiss ``IndexFlatL2`` (BLAS on every core). On CUDA: faiss on the
   GPU when faiss-gpu is importable, otherwise plain torch matrix products.
 - ``"ivf"`` (approximate, CPU): faiss ``IndexIVFFlat``. k-means splits the
   bank into ``nlist`` cells; a query is compared only with the vectors of its
@@ -65,13 +65,13 @@ _MOST_CANDIDATES = 64
 # Pairs whose exact distances are worked out at once (1024-dim rows: 512 KB;
 # 128 took 25% less time than 512 on 4,326 pairs).
 _PAIR_ROWS = 128
-# The filter takes banks and queries whose centred vectors' norms stay below
-# this (their products and squared norms then stay far inside float32's range).
-_LARGEST_ENTRY = 2.0**40
 # The bank's bfloat16 rows come in multiples of this; the padding rows' entries
 # exceed every product of the real ones (squared norms below 2^80).
 _BANK_ROWS = 256
 _FAR = 2.0**100
+# The filter takes banks and queries whose centred vectors' norms stay below
+# this (their products and squared norms then stay far inside float32's range).
+_LARGEST_ENTRY = 2.0**40
 # ... and vectors of at most this many dimensions: torch sums a single row of
 # 32,768 or more entries on several threads, so pair_distances of one pair
 # could then differ from the same pair's value among others.
@@ -243,8 +243,8 @@ class _LowPrecisionFilter:
     Both sides are centred on the bank's mean ``mu`` (float32) where that at
     least halves the bank's squared norms (else ``mu = 0``): the distances stay
     as they are, and the norms, to which the rounding is proportional, become
-    as small as they can be. With ``x = q - mu`` and
-    ``y = b - mu``, the product takes query rows ``[x, 1, c]`` and bank rows
+    as small as they can be. With ``x = q - mu`` and ``y = b - mu``, the
+    product takes query rows ``[x, 1, c]`` and bank rows
     ``[-2 y, w, 1]``, rounded to bfloat16 (x from float32, y from float64 via
     float32: each entry within ``e = u_b + u + u_b u`` of itself), where
     ``c <= (1 - K) |x|^2`` and ``w <= (1 - K) |y|^2`` are bfloat16 numbers
@@ -270,11 +270,10 @@ class _LowPrecisionFilter:
     For each query, the upper bounds of k bank vectors with small ``M`` (the
     smallest int16 bits: for negative ``M`` that is not the smallest value,
     which only loosens the bound) bound its k-th smallest distance from above
-    (``tau``). Every bank vector
-    whose lower bound is below ``tau`` (widened by the exact pass's own float32
-    rounding, ``(d + 3) u`` of a distance) is a candidate; its int16 bits
-    compare as the bfloat16 value does for the non-negative ones, and every
-    negative one is a candidate anyway. ``|x|^2`` comes from torch's float32
+    (``tau``). Every bank vector whose lower bound is below ``tau`` (widened by
+    the exact pass's own float32 rounding, ``(d + 3) u`` of a distance) is a
+    candidate: the int16 bits of ``M`` compare as its value does where it is
+    non-negative, and every negative ``M`` is a candidate anyway. ``|x|^2`` comes from torch's float32
     norms of ``x`` in float32, taken within ``2 (d + 6) u`` of the exact value;
     ``|y|^2`` is worked out in float64.
 
@@ -484,7 +483,8 @@ class NearestNeighborIndex:
         The memory bank.
     device : torch.device
         ``cpu``: a faiss index of kind ``index`` (exact search: the bfloat16
-        filter where the CPU has bfloat16 hardware). ``cuda``: exact search,
+        filter where the CPU has bfloat16 hardware and the vectors 512
+        dimensions or more). ``cuda``: exact search,
         with a faiss GPU index when available, else torch on that device.
     allow_tf32 : bool, default=False
         Let the torch backend's matrix products use TensorFloat-32.
@@ -502,9 +502,10 @@ class NearestNeighborIndex:
     options : dict
         The options it was built with (``nlist`` and ``nprobe`` resolved).
     backend : {"faiss-cpu", "bfloat16-filter", "faiss-gpu", "torch"}
-        Where the search runs. ``"bfloat16-filter"`` (exact search on a CPU that
-        multiplies bfloat16 in hardware): a bfloat16 product rules out nearly
-        every pair, the rest get exact float32 distances (see
+        Where the search runs. ``"bfloat16-filter"`` (exact search on a CPU
+        that multiplies bfloat16 in hardware, vectors of 512 dimensions or
+        more; any length when ``_LOW_PRECISION`` is True): a bfloat16 product
+        rules out nearly every pair, the rest get exact float32 distances (see
         :class:`_LowPrecisionFilter`); faiss takes the queries it leaves.
     """
 
