@@ -598,7 +598,11 @@ def search_table(result: dict) -> str:
                 fmt(r["ours_ms_per_image"], 2),
                 fmt(r["faiss_ms_per_image"], 2),
                 fmt_ratio(r["speedup"]),
-                f"{_yes(r['identical_to_plain'])} ({r['checked_queries']} queries)",
+                (
+                    f"{_yes(r['identical_to_plain'])} ({r['checked_queries']} queries)"
+                    if r["backend"] == "bfloat16-filter"
+                    else "— (faiss itself)"
+                ),
                 f"{r['queries_left_to_faiss']:g} of {result['n_queries']}",
                 f"{100 * r['faiss_same_neighbour']:.1f}% / {r['faiss_max_relative_difference']:.1e}",
             ]
@@ -1165,7 +1169,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"    {100 * r['ratio']:g}%: ours {r['ours_ms_per_image']:.2f} ms/img, faiss "
                     f"{r['faiss_ms_per_image']:.2f} ms/img, identical {r['identical_to_plain']}"
                 )
-                if not r["identical_to_plain"]:
+                # (faiss's float32 expansion rounds differently: checked for the filter only)
+                if r["backend"] == "bfloat16-filter" and not r["identical_to_plain"]:
                     failures.append(f"search {r['ratio']:g}: results differ from the all-pairs search")
             sections.append(
                 f"### Search: {search['n_queries']} patch vectors of {search['n_images']:g} {source} test "

@@ -441,13 +441,15 @@ def test_search_arguments_are_checked(filtered):
 
 def test_the_filter_is_used_for_long_vectors_on_bfloat16_hardware(monkeypatch):
     """Below 512 dimensions the passes over the product's entries cost more than
-    the bfloat16 product saves: faiss searches."""
+    the bfloat16 product saves, and below 256 vectors its fixed costs: faiss
+    searches."""
     from skpatchcore import _search
     from skpatchcore.utils._bf16 import bf16_hardware
 
     monkeypatch.setattr(_search, "_LOW_PRECISION", None)
     rng = np.random.default_rng(0)
-    short = NearestNeighborIndex(rng.normal(size=(100, 152)).astype(np.float32), CPU)
-    long = NearestNeighborIndex(rng.normal(size=(100, 512)).astype(np.float32), CPU)
-    assert short.backend == "faiss-cpu"
+    short = NearestNeighborIndex(rng.normal(size=(300, 152)).astype(np.float32), CPU)
+    few = NearestNeighborIndex(rng.normal(size=(255, 512)).astype(np.float32), CPU)
+    long = NearestNeighborIndex(rng.normal(size=(300, 512)).astype(np.float32), CPU)
+    assert short.backend == few.backend == "faiss-cpu"
     assert long.backend == ("bfloat16-filter" if bf16_hardware() else "faiss-cpu")
