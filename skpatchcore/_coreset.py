@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .utils._bf16 import BF16_UNIT as _BF16_UNIT
 from .utils._bf16 import UNIT_ROUNDOFF as _UNIT_ROUNDOFF
+from .utils._bf16 import bf16_bits_as_float32
 from .utils._bf16 import bf16_hardware as _bf16_hardware
 from .utils._buffers import empty_buffer
 from .utils._device import as_tensor, cpu_float32, float32_precision, resolve_device
@@ -644,7 +645,7 @@ class _LowBound(_Bound):
         flat = np.flatnonzero(bits > 0)
         points_at, local = np.divmod(flat, len(left))
         # The bfloat16 bits, as the float32 of the same value.
-        values = (np.take(bits.reshape(-1), flat).astype(np.int32) << 16).view(np.float32)
+        values = bf16_bits_as_float32(np.take(bits.reshape(-1), flat))
         return points_at, local, values
 
     def left(self, rows, half_center) -> torch.Tensor:

@@ -39,7 +39,7 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from .utils._bf16 import BF16_UNIT, TINY, UNIT_ROUNDOFF, bf16_hardware
+from .utils._bf16 import BF16_UNIT, TINY, UNIT_ROUNDOFF, bf16_bits_as_float32, bf16_hardware
 from .utils._device import float32_precision
 
 # Queries per torch search step on CUDA: bounds the (queries x bank) distance block.
@@ -205,11 +205,6 @@ def pair_distances(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """
     diff = left - right
     return torch.linalg.vecdot(diff, diff)
-
-
-def _bf16_values(keys: np.ndarray) -> np.ndarray:
-    """The values (float64) of bfloat16 numbers given by their bits as int16."""
-    return (keys.astype(np.int32) << 16).view(np.float32).astype(np.float64)
 
 
 def _rounded_down(values: np.ndarray, factor: float) -> tuple[torch.Tensor, np.ndarray]:
@@ -418,7 +413,7 @@ class _LowPrecisionFilter:
         else:  # (torch's topk on the bits: 2.5x as fast as numpy's argpartition)
             bits = space.product[:n_rows].view(torch.int16)
             chosen = torch.topk(bits, k, dim=1, largest=False, sorted=False).indices.numpy()
-        values = _bf16_values(np.take_along_axis(keys, chosen, axis=1))
+        values = bf16_bits_as_float32(np.take_along_axis(keys, chosen, axis=1)).astype(np.float64)
         row_terms = (1.0 + self.margin) * high - query_terms + self.floor
         upper = values + self.value_margin * np.abs(values) + self.column[chosen] + row_terms[:, None]
         tau = upper.max(axis=1)
@@ -594,13 +589,12 @@ class NearestNeighborIndex:
         if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
             raise ValueError(f"The number of neighbours k must be a positive int; got {k!r}.")
         k = min(k, len(self.bank))
-        if self._filter is not None:
-            batch = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
-            squared, indices = self._filter.search(batch, k, lambda rows: self._faiss_left(rows, k))
-            return torch.from_numpy(np.maximum(squared, 0.0, out=squared)), torch.from_numpy(indices)
         if self.backend != "torch":
             batch = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
-            squared, indices = self._index.search(batch, k)
+            if self._filter is not None:
+                squared, indices = self._filter.search(batch, k, lambda rows: self._faiss_left(rows, k))
+            else:
+                squared, indices = self._index.search(batch, k)
             if self.kind != "flat":
                 short = np.flatnonzero((indices < 0).any(axis=1))
                 if len(short):

@@ -23,6 +23,11 @@ BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 TINY = float(np.finfo(np.float32).tiny)
 
 
+def bf16_bits_as_float32(bits: np.ndarray) -> np.ndarray:
+    """The float32 values of bfloat16 numbers given by their bits (int16; exact)."""
+    return (bits.astype(np.int32) << 16).view(np.float32)
+
+
 @functools.cache
 def bf16_hardware() -> bool:
     """The CPU multiplies bfloat16 in hardware, and torch's products sum in float32."""
