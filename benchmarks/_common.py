@@ -19,6 +19,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
+# The settings the reference numbers were measured with, made explicit so that a
+# change of the package defaults does not change what is compared.
+REFERENCE_SETTINGS = {
+    "aggregation": "reference",
+    "pretrain_dim": 1024,
+    "target_dim": 1024,
+    "image_size": 256,
+    "crop_size": 224,
+    "resize_side": "shorter",
+    "n_neighbors": 1,
+    "projection_dim": 128,
+    "n_starts": 10,
+}
+# What the reference implementation imports before any work: patchcore-inspection's
+# modules pull in torch, torchvision and timm (backbones), faiss and scipy.ndimage
+# (search, smoothing), scikit-learn (metrics) and PIL (loading).
+REFERENCE_IMPORTS = ("torch", "torchvision", "timm", "faiss", "scipy.ndimage", "sklearn.metrics", "PIL.Image")
+
 
 # --------------------------------------------------------------------------
 # Memory

@@ -7,6 +7,8 @@ benchmarks time the package against them. They are not part of the package.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -141,3 +143,107 @@ def nearest_all_pairs(bank, queries, k):
         indices[row] = np.argsort(distances, kind="stable")[:k]
         squared[row] = distances[indices[row]]
     return squared, indices
+
+
+def projected_points(vectors: np.ndarray, seed: int, projection_dim: int = 128, n_starts: int = 10):
+    """The projected vectors and start points ``GreedyCoresetSampler(random_state=seed)`` draws."""
+    from sklearn.utils import check_random_state
+
+    from skpatchcore._coreset import project
+
+    rng = check_random_state(seed)
+    projection = rng.standard_normal((vectors.shape[1], projection_dim)).astype(np.float32)
+    projection /= np.sqrt(projection_dim)
+    starts = rng.choice(len(vectors), size=min(n_starts, len(vectors)), replace=False)
+    return project(vectors, projection), starts  # as the sampler projects
+
+
+def plain_pipeline(
+    train_paths,
+    test_paths,
+    ratio: float,
+    seed: int,
+    *,
+    batch_size: int = 8,
+    image_size: int = 256,
+    crop_size: int = 224,
+    sigma: float = 4.0,
+    projection_dim: int = 128,
+    n_starts: int = 10,
+    on_step=None,
+) -> dict:
+    """PatchCore fit and predict put together from the plain steps, the way the reference code runs them.
+
+    - Images: opened with PIL, converted to RGB, torchvision's ``Resize``
+      (shorter side), ``CenterCrop`` and ``ToTensor``, batch by batch.
+    - Features: :func:`stock_backbone` and :func:`reference_features`; each
+      batch's array goes into a list, concatenated once all are done.
+    - Coreset: :func:`projected_points` then :func:`greedy_coreset_torch`.
+    - Index: faiss ``IndexFlatL2`` holding the bank (no threshold calibration).
+    - Predict, batch by batch: features, faiss search (k = 1), the square root of
+      the distance as the patch score, the largest patch score as the image
+      score; maps upsampled bilinearly (``align_corners=False``) to the model
+      input and smoothed by ``scipy.ndimage.gaussian_filter(sigma)`` one by one.
+
+    ``on_step(name)``, when given, is called after the backbone is built
+    (``"load"``) and after the fit (``"fit"``), e.g. to read the memory there.
+    Returns the times (s; predict also per image), the bank size, the image
+    scores (n_test,) and the maps (n_test, crop, crop).
+    """
+    import faiss
+    import scipy.ndimage
+    from PIL import Image
+    from torchvision import transforms
+
+    times = {}
+    start = time.perf_counter()
+    extractor = stock_backbone()
+    times["load_s"] = time.perf_counter() - start
+    if on_step is not None:
+        on_step("load")
+    to_input = transforms.Compose(
+        [transforms.Resize(image_size), transforms.CenterCrop(crop_size), transforms.ToTensor()]
+    )
+
+    def batches(paths):
+        for first in range(0, len(paths), batch_size):
+            images = [to_input(Image.open(path).convert("RGB")) for path in paths[first : first + batch_size]]
+            with torch.no_grad():
+                yield reference_features(extractor(torch.stack(images)))
+
+    start = time.perf_counter()
+    features = np.concatenate([batch.numpy() for batch in batches(train_paths)])
+    times["features_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    vectors = features.reshape(-1, features.shape[-1])
+    points, starts = projected_points(vectors, seed, projection_dim, n_starts)
+    selected = greedy_coreset_torch(points, max(1, int(len(vectors) * ratio)), starts)
+    times["coreset_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    index = faiss.IndexFlatL2(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors[selected]))
+    times["index_s"] = time.perf_counter() - start
+    times["fit_s"] = times["features_s"] + times["coreset_s"] + times["index_s"]
+    del features, vectors, points
+    if on_step is not None:
+        on_step("fit")
+
+    start = time.perf_counter()
+    scores, maps = [], []
+    for batch in batches(test_paths):
+        n, height, width, dim = batch.shape
+        distances, _ = index.search(np.ascontiguousarray(batch.reshape(-1, dim).numpy()), 1)
+        patch = torch.from_numpy(np.sqrt(distances[:, 0])).reshape(n, 1, height, width)
+        scores.append(patch.reshape(n, -1).max(dim=1).values.numpy())
+        upsampled = F.interpolate(patch, size=(crop_size, crop_size), mode="bilinear", align_corners=False)
+        maps += [scipy.ndimage.gaussian_filter(m, sigma=sigma) for m in upsampled[:, 0].numpy()]
+    times["predict_s"] = time.perf_counter() - start
+    times["predict_ms_per_image"] = 1000.0 * times["predict_s"] / len(test_paths)
+    return {
+        "times": times,
+        "bank_size": len(selected),
+        "scores": np.concatenate(scores),
+        "maps": np.stack(maps),
+    }

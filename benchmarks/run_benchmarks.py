@@ -46,6 +46,8 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from benchmarks._common import (  # noqa: E402
     DEFAULT_DATA_ROOT,
     DEFAULT_OUT,
+    REFERENCE_IMPORTS,
+    REFERENCE_SETTINGS,
     apply_threads,
     current_rss_mb,
     fmt,
@@ -240,6 +242,9 @@ def run_config(spec: dict) -> dict:
         train, test = data.train_paths, data.test_paths
         labels, mask_paths = np.asarray(data.test_labels), data.test_mask_paths
 
+    if spec.get("plain"):
+        return _run_plain(spec, result, train, test, labels, mask_paths)
+
     pipe = make_patchcore(
         backbone=spec.get("backbone", BACKBONE),
         ratio=spec["ratio"],
@@ -306,6 +311,51 @@ def run_config(spec: dict) -> dict:
         same_bank = np.array_equal(reference.steps[-1][1].memory_bank_, detector.memory_bank_)
         same_threshold = reference.steps[-1][1].threshold_ == detector.threshold_
         result["verify_fit"] = bool(same_bank and same_threshold)
+    return result
+
+
+def _run_plain(spec: dict, result: dict, train, test, labels, mask_paths) -> dict:
+    """:func:`benchmarks.plain.plain_pipeline` in this process, measured like :func:`run_config`.
+
+    It runs issue 4's reference settings only (``REFERENCE_SETTINGS`` and the
+    default backbone; batch 8, as the reference's table), and the imports it
+    counts are the reference code's.
+    """
+    import importlib
+
+    from benchmarks import plain
+    from skpatchcore.datasets import load_masks
+    from skpatchcore.metrics import image_auroc, pixel_auroc
+
+    for name in REFERENCE_IMPORTS:  # the reference code's imports, so the baseline RSS matches
+        importlib.import_module(name)
+    result["rss_after_imports_mb"] = current_rss_mb()
+    if spec["settings"] != REFERENCE_SETTINGS or spec.get("backbone", BACKBONE) != BACKBONE:
+        raise ValueError(
+            f"The plain pipeline runs {BACKBONE} with {REFERENCE_SETTINGS} only; got "
+            f"{spec.get('backbone', BACKBONE)} with {spec['settings']}."
+        )
+
+    def on_step(name):
+        if name == "load":
+            result["rss_after_load_mb"] = current_rss_mb()
+        else:
+            result["peak_rss_fit_mb"] = peak_rss_mb()
+
+    done = plain.plain_pipeline(train, test, spec["ratio"], spec["seed"], batch_size=8, on_step=on_step)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["n_train"], result["n_test"] = len(train), len(test)
+    result["bank_size"] = done["bank_size"]
+    result["times"] = done["times"]
+    masks = load_masks(
+        mask_paths,
+        test,
+        image_size=REFERENCE_SETTINGS["image_size"],
+        crop_size=REFERENCE_SETTINGS["crop_size"],
+        resize_side=REFERENCE_SETTINGS["resize_side"],
+    )
+    result["image_auroc"] = image_auroc(labels, done["scores"])
+    result["pixel_auroc"] = pixel_auroc(masks, done["maps"])
     return result
 
 

@@ -20,7 +20,11 @@ machine description, to ``<out>/speed.json`` and ``<out>/speed.md``:
    (``skpatchcore._search.pair_distances``) on a sample of queries.
 4. **Whole pipeline.** Fit and predict of mpdd metal_plate at 1% and 10%, each
    in a fresh process, against the reference implementation's numbers of
-   issue 4.
+   issue 4, and against ``plain.plain_pipeline`` (the reference code's steps
+   put together from the plain parts: stock timm backbone, unfold and pool,
+   the torch greedy loop, faiss ``IndexFlatL2``, scipy smoothing) run the same
+   way right after each of ours, so the ratios to it do not depend on how fast
+   the machine is that day.
 5. **Scale** (``--scale``). 1,000 synthetic "images" of 28 x 28 x 1024 patch
    features (784k vectors) through ``GreedyCoresetSampler(ratio=0.01)`` and
    ``PatchCoreDetector.fit`` in a fresh process: time and peak RSS.
@@ -51,6 +55,8 @@ from benchmarks import plain  # noqa: E402
 from benchmarks._common import (  # noqa: E402
     DEFAULT_DATA_ROOT,
     DEFAULT_OUT,
+    REFERENCE_IMPORTS,
+    REFERENCE_SETTINGS,
     apply_threads,
     current_rss_mb,
     fmt,
@@ -62,6 +68,7 @@ from benchmarks._common import (  # noqa: E402
     thread_env,
     write_results,
 )
+from benchmarks.run_benchmarks import _fit_cell  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
 MPDD = "mpdd/metal_plate"
@@ -92,19 +99,6 @@ REFERENCE_OTHER = {
         "predict_ms": 49.0,
         "peak_rss_mb": 4.6 * 1024,
     },
-}
-# The settings the reference numbers were measured with, made explicit so that a
-# change of the package defaults does not change what is compared.
-REFERENCE_SETTINGS = {
-    "aggregation": "reference",
-    "pretrain_dim": 1024,
-    "target_dim": 1024,
-    "image_size": 256,
-    "crop_size": 224,
-    "resize_side": "shorter",
-    "n_neighbors": 1,
-    "projection_dim": 128,
-    "n_starts": 10,
 }
 # Issue 4's targets.
 TARGETS = {
@@ -354,16 +348,9 @@ def features_table(result: dict, tol: float) -> str:
 
 def projected_points(vectors: np.ndarray, seed: int):
     """The projection and start points GreedyCoresetSampler(random_state=seed) draws."""
-    from sklearn.utils import check_random_state
-
-    from skpatchcore._coreset import project
-
-    rng = check_random_state(seed)
-    projection_dim, n_starts = REFERENCE_SETTINGS["projection_dim"], REFERENCE_SETTINGS["n_starts"]
-    projection = rng.standard_normal((vectors.shape[1], projection_dim)).astype(np.float32)
-    projection /= np.sqrt(projection_dim)
-    starts = rng.choice(len(vectors), size=min(n_starts, len(vectors)), replace=False)
-    return project(vectors, projection), starts  # as the sampler projects
+    return plain.projected_points(
+        vectors, seed, REFERENCE_SETTINGS["projection_dim"], REFERENCE_SETTINGS["n_starts"]
+    )
 
 
 FAST_CORESET_REPEATS = 10
@@ -616,13 +603,16 @@ def search_table(result: dict) -> str:
 
 
 def bench_pipeline(
-    data_root: Path, ratios: list[float], seed: int, quick: bool, threads, repeats: int = 1
+    data_root: Path, ratios: list[float], seed: int, quick: bool, threads, repeats: int = 1, plain_too=True
 ) -> dict:
     """Fit and predict mpdd metal_plate in fresh processes (run_benchmarks' single mode).
 
     With ``repeats`` > 1 each ratio runs that many times, the runs of both
     ratios interleaved, and :func:`_median_run` reports them (all runs' times
-    are kept under ``runs``).
+    are kept under ``runs``). With ``plain_too`` each of our runs is followed
+    by one of :func:`benchmarks.plain.plain_pipeline` on the same images, the
+    reference code's steps measured the same way on this machine at this time
+    (reported under the run's ``"plain"`` key).
     """
     from benchmarks.run_benchmarks import run_in_subprocess
 
@@ -641,11 +631,17 @@ def bench_pipeline(
             "verify_fit": False,
         }
         specs[str(ratio)] = spec
-    done: dict[str, list[dict]] = {key: [] for key in specs}
+    kinds = (False, True) if plain_too else (False,)
+    done: dict[tuple, list[dict]] = {(key, kind): [] for key in specs for kind in kinds}
     for _ in range(max(1, repeats)):
         for key, spec in specs.items():
-            done[key].append(run_in_subprocess(spec))
-    return {key: _median_run(found) for key, found in done.items()}
+            for kind in kinds:
+                done[key, kind].append(run_in_subprocess({**spec, "plain": kind}))
+    runs = {key: _median_run(done[key, False]) for key in specs}
+    if plain_too:
+        for key in specs:
+            runs[key]["plain"] = _median_run(done[key, True])
+    return runs
 
 
 def _median_run(found: list[dict]) -> dict:
@@ -665,10 +661,6 @@ def _median_run(found: list[dict]) -> dict:
     return merged
 
 
-# What the reference implementation imports before any work: patchcore-inspection's
-# modules pull in torch, torchvision and timm (backbones), faiss and scipy.ndimage
-# (search, smoothing), scikit-learn (metrics) and PIL (loading).
-REFERENCE_IMPORTS = ("torch", "torchvision", "timm", "faiss", "scipy.ndimage", "sklearn.metrics", "PIL.Image")
 OUR_IMPORTS = ("torch", "faiss", "skpatchcore")
 
 
@@ -717,90 +709,120 @@ def memory_floor(runs: dict, threads) -> dict:
 
 
 def pipeline_table(runs: dict, quick: bool, floor: dict | None = None) -> str:
-    headers = ["mpdd metal_plate", "", "ours", "reference", "ratio", "target", "met"]
+    headers = [
+        "mpdd metal_plate",
+        "",
+        "ours",
+        "reference",
+        "ratio",
+        "target",
+        "met",
+        "plain, this run",
+        "ratio to plain",
+    ]
     rows = []
     for run in runs.values():
-        ratio = run["ratio"]
-        label = f"{100 * ratio:g}%" + (" (quick subset)" if quick else "")
+        label = f"{100 * run['ratio']:g}%" + (" (quick subset)" if quick else "")
         if "error" in run:
-            rows.append([label, "failed", run["error"], None, None, None, None])
-            continue
-        ref = REFERENCE.get(ratio)
-        t = run["times"]
-        ours_fit = f"{t['fit_s']:.2f} ({t['features_s']:.2f} / {t['coreset_s']:.2f} / {t['index_s']:.2f})"
-        if ref is None:
-            rows.append([label, "fit s (features / coreset / index)", ours_fit, None, None, None, None])
-            rows.append([label, "predict ms/img", fmt(t["predict_ms_per_image"], 1), None, None, None, None])
-            rows.append([label, "peak RSS MB", fmt(run["peak_rss_mb"], 0), None, None, None, None])
-            continue
-        fit_speedup = ref["fit_s"] / t["fit_s"]
-        predict_speedup = ref["predict_ms"] / t["predict_ms_per_image"]
-        rss_ratio = run["peak_rss_mb"] / ref["peak_rss_mb"]
-        predict_target = TARGETS["predict_speedup"].get(ratio)
-        rows += [
-            [
-                label,
-                "fit s (features / coreset / index)",
-                ours_fit,
-                f"{ref['fit_s']:.1f} ({ref['features_s']:.1f} / {ref['coreset_s']:.1f})",
-                fmt_ratio(fit_speedup),
-                f">= {TARGETS['fit_speedup']:g}x",
-                _yes(fit_speedup >= TARGETS["fit_speedup"]),
-            ],
-            [
-                label,
-                "features s",
-                fmt(t["features_s"], 2),
-                fmt(ref["features_s"], 1),
-                fmt_ratio(ref["features_s"] / t["features_s"]),
-                None,
-                None,
-            ],
-            [
-                label,
-                "coreset s",
-                fmt(t["coreset_s"], 2),
-                fmt(ref["coreset_s"], 1),
-                fmt_ratio(ref["coreset_s"] / t["coreset_s"]),
-                None,
-                None,
-            ],
-            [
-                label,
-                "predict ms/img",
-                fmt(t["predict_ms_per_image"], 1),
-                fmt(ref["predict_ms"], 0),
-                fmt_ratio(predict_speedup),
-                f">= {predict_target:g}x" if predict_target else None,
-                _yes(predict_speedup >= predict_target) if predict_target else None,
-            ],
-            [
-                label,
-                "peak RSS MB (ours / reference)",
-                fmt(run["peak_rss_mb"], 0),
-                fmt(ref["peak_rss_mb"], 0),
-                f"{rss_ratio:.2f}",
-                f"<= {TARGETS['rss_ratio']:g}",
-                _yes(rss_ratio <= TARGETS["rss_ratio"]),
-            ],
-        ]
-        ours_imports = run.get("rss_after_imports_mb")
-        ref_imports = (floor or {}).get("reference_imports_mb")
-        if ours_imports and ref_imports:
-            ours_work = run["peak_rss_mb"] - ours_imports
-            ref_work = ref["peak_rss_mb"] - ref_imports
-            rows.append(
-                [
-                    label,
-                    "peak RSS over imports MB (ours / reference, estimated)",
-                    fmt(ours_work, 0),
-                    fmt(ref_work, 0),
-                    f"{ours_work / ref_work:.2f}",
-                    None,
-                    None,
-                ]
-            )
+            rows.append([label, "failed", run["error"], None, None, None, None, None, None])
+        else:
+            rows += _pipeline_rows(run, label, floor)
     return markdown_table(headers, rows)
+
+
+def _pipeline_rows(run: dict, label: str, floor: dict | None) -> list[list]:
+    """One ratio's rows of :func:`pipeline_table`."""
+    ratio = run["ratio"]
+    rows = []
+    ref = REFERENCE.get(ratio)
+    plain_run = run.get("plain")
+    if plain_run is not None and "error" in plain_run:
+        rows.append([label, "plain pipeline failed", None, None, None, None, None, plain_run["error"], None])
+        plain_run = None
+    t = run["times"]
+    pt = plain_run["times"] if plain_run else None
+
+    def row(what, ours, ref_cell, ratio_cell, target, met, plain_cell, plain_ratio):
+        cells = [ours, ref_cell, ratio_cell, target, met] if ref else [ours, None, None, None, None]
+        rows.append([label, what, *cells, plain_cell if pt else None, plain_ratio if pt else None])
+
+    def speedup(key):
+        return fmt_ratio(pt[key] / t[key]) if pt else None
+
+    ours_fit = _fit_cell(t)
+    fit_speedup = ref["fit_s"] / t["fit_s"] if ref else None
+    row(
+        "fit s (features / coreset / index)",
+        ours_fit,
+        ref and f"{ref['fit_s']:.1f} ({ref['features_s']:.1f} / {ref['coreset_s']:.1f})",
+        fit_speedup and fmt_ratio(fit_speedup),
+        f">= {TARGETS['fit_speedup']:g}x",
+        fit_speedup and _yes(fit_speedup >= TARGETS["fit_speedup"]),
+        pt and _fit_cell(pt),
+        speedup("fit_s"),
+    )
+    for key, name in (("features_s", "features s"), ("coreset_s", "coreset s")):
+        row(
+            name,
+            fmt(t[key], 2),
+            ref and fmt(ref[key], 1),
+            ref and fmt_ratio(ref[key] / t[key]),
+            None,
+            None,
+            pt and fmt(pt[key], 2),
+            speedup(key),
+        )
+    predict_speedup = ref["predict_ms"] / t["predict_ms_per_image"] if ref else None
+    predict_target = TARGETS["predict_speedup"].get(ratio)
+    row(
+        "predict ms/img",
+        fmt(t["predict_ms_per_image"], 1),
+        ref and fmt(ref["predict_ms"], 0),
+        predict_speedup and fmt_ratio(predict_speedup),
+        f">= {predict_target:g}x" if predict_target else None,
+        _yes(predict_speedup >= predict_target) if predict_target and predict_speedup else None,
+        pt and fmt(pt["predict_ms_per_image"], 1),
+        speedup("predict_ms_per_image"),
+    )
+    rss_ratio = run["peak_rss_mb"] / ref["peak_rss_mb"] if ref else None
+    row(
+        "peak RSS MB (ours / reference)",
+        fmt(run["peak_rss_mb"], 0),
+        ref and fmt(ref["peak_rss_mb"], 0),
+        rss_ratio and f"{rss_ratio:.2f}",
+        f"<= {TARGETS['rss_ratio']:g}",
+        rss_ratio and _yes(rss_ratio <= TARGETS["rss_ratio"]),
+        plain_run and fmt(plain_run["peak_rss_mb"], 0),
+        plain_run and f"{run['peak_rss_mb'] / plain_run['peak_rss_mb']:.2f}",
+    )
+    ours_imports = run.get("rss_after_imports_mb")
+    ref_imports = (floor or {}).get("reference_imports_mb")
+    if ours_imports and ref_imports and ref:
+        ours_work = run["peak_rss_mb"] - ours_imports
+        ref_work = ref["peak_rss_mb"] - ref_imports
+        plain_work = plain_run and plain_run["peak_rss_mb"] - plain_run["rss_after_imports_mb"]
+        row(
+            "peak RSS over imports MB (ours / reference, estimated)",
+            fmt(ours_work, 0),
+            fmt(ref_work, 0),
+            f"{ours_work / ref_work:.2f}",
+            None,
+            None,
+            plain_work and fmt(plain_work, 0),
+            plain_work and f"{ours_work / plain_work:.2f}",
+        )
+    if plain_run and "image_auroc" in run:
+        row(
+            "image / pixel AUROC",
+            f"{run['image_auroc']:.3f} / {run['pixel_auroc']:.3f}",
+            None,
+            None,
+            None,
+            None,
+            f"{plain_run['image_auroc']:.3f} / {plain_run['pixel_auroc']:.3f}",
+            None,
+        )
+    return rows
 
 
 def floor_note(floor: dict) -> str:
@@ -1188,7 +1210,8 @@ def main(argv: list[str] | None = None) -> int:
     if "pipeline" not in args.skip:
         if have_mpdd:
             print(
-                f"Pipeline: mpdd metal_plate fit + predict, {repeats} fresh process(es) per ratio ...",
+                f"Pipeline: mpdd metal_plate fit + predict, {repeats} fresh process(es) per ratio, "
+                "ours and plain ...",
                 flush=True,
             )
             runs = bench_pipeline(
@@ -1208,7 +1231,12 @@ def main(argv: list[str] | None = None) -> int:
                 "columns are the run with the median fit time, predict and peak RSS the medians "
                 "over the runs; every run's numbers are in the JSON. "
                 f"Settings: {', '.join(f'{k}={v}' for k, v in REFERENCE_SETTINGS.items())}, "
-                "package batch size.\n\n"
+                "package batch size. *Plain, this run*: `benchmarks.plain.plain_pipeline`, the reference "
+                "code's steps from the plain parts (stock timm backbone, unfold and pool, torch greedy "
+                "loop, faiss `IndexFlatL2`, no threshold calibration, scipy smoothing; batch 8), after "
+                "the reference code's imports, each run right after one of ours in its own fresh process "
+                "(medians as for ours); its ratios (speed-up, or ours / plain for memory) do not depend "
+                "on how fast the machine is that day, the *reference* column's do.\n\n"
                 + pipeline_table(runs, args.quick, floor)
                 + (f"\n\n{note}" if (note := floor_note(floor)) else "")
             )
