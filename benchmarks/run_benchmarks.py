@@ -233,7 +233,7 @@ def run_config(spec: dict) -> dict:
 
     apply_threads(spec.get("threads"))
     result = {key: spec[key] for key in ("category", "ratio", "settings", "quick")}
-    # What the interpreter, torch, faiss and the package cost before any work (torch alone is ~0.6 GB).
+    # What the interpreter, torch, faiss and the package cost before any work (torch alone is 0.5-0.7 GB).
     result["rss_after_imports_mb"] = current_rss_mb()
     data = load_mvtec_category(Path(spec["data_root"]) / spec["category"])
     if spec["quick"]:
