@@ -1043,8 +1043,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip",
         nargs="+",
         default=[],
-        choices=["features", "coreset", "search", "pipeline"],
-        help="parts not to run (search needs the coreset part)",
+        choices=["features", "coreset", "search", "pipeline", "plain"],
+        help="parts not to run (search needs the coreset part; plain: the pipeline part without the "
+        "plain pipeline beside ours)",
     )
     parser.add_argument("--scale", action="store_true", help="also run the 784k-vector scale test")
     parser.add_argument(
@@ -1209,13 +1210,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if "pipeline" not in args.skip:
         if have_mpdd:
+            plain_too = "plain" not in args.skip
             print(
-                f"Pipeline: mpdd metal_plate fit + predict, {repeats} fresh process(es) per ratio, "
-                "ours and plain ...",
+                f"Pipeline: mpdd metal_plate fit + predict, {repeats} fresh process(es) per ratio"
+                + (", ours and plain ..." if plain_too else " ..."),
                 flush=True,
             )
             runs = bench_pipeline(
-                args.data_root, sorted(args.ratios), args.seed, args.quick, args.threads, repeats
+                args.data_root,
+                sorted(args.ratios),
+                args.seed,
+                args.quick,
+                args.threads,
+                repeats,
+                plain_too=plain_too,
             )
             payload["pipeline"] = runs
             floor = memory_floor(runs, args.threads)
@@ -1223,6 +1231,18 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs.values():
                 if "error" in run:
                     failures.append(f"pipeline {run['ratio']:g}: {run['error']}")
+                if "error" in run.get("plain", {}):
+                    failures.append(f"plain pipeline {run['ratio']:g}: {run['plain']['error']}")
+            plain_text = (
+                " *Plain, this run*: `benchmarks.plain.plain_pipeline`, the reference "
+                "code's steps from the plain parts (stock timm backbone, unfold and pool, torch greedy "
+                "loop, faiss `IndexFlatL2`, no threshold calibration, scipy smoothing; batch 8), after "
+                "the reference code's imports, each run right after one of ours in its own fresh process "
+                "(medians as for ours); its ratios (speed-up, or ours / plain for memory) do not depend "
+                "on how fast the machine is that day, the *reference* column's do."
+                if plain_too
+                else ""
+            )
             sections.append(
                 f"### Whole pipeline vs the reference implementation (source: {REFERENCE_SOURCE})\n\n"
                 "Ours: fit excludes loading the backbone; index = memory bank + threshold calibration; "
@@ -1231,12 +1251,9 @@ def main(argv: list[str] | None = None) -> int:
                 "columns are the run with the median fit time, predict and peak RSS the medians "
                 "over the runs; every run's numbers are in the JSON. "
                 f"Settings: {', '.join(f'{k}={v}' for k, v in REFERENCE_SETTINGS.items())}, "
-                "package batch size. *Plain, this run*: `benchmarks.plain.plain_pipeline`, the reference "
-                "code's steps from the plain parts (stock timm backbone, unfold and pool, torch greedy "
-                "loop, faiss `IndexFlatL2`, no threshold calibration, scipy smoothing; batch 8), after "
-                "the reference code's imports, each run right after one of ours in its own fresh process "
-                "(medians as for ours); its ratios (speed-up, or ours / plain for memory) do not depend "
-                "on how fast the machine is that day, the *reference* column's do.\n\n"
+                "package batch size."
+                + plain_text
+                + "\n\n"
                 + pipeline_table(runs, args.quick, floor)
                 + (f"\n\n{note}" if (note := floor_note(floor)) else "")
             )
