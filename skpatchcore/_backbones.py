@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -304,7 +305,7 @@ def _drop_modules(model: nn.Module, names: Sequence[str]) -> None:
             setattr(parent, child, nn.Identity())
 
 
-def fold_batch_norms(model: nn.Module) -> None:
+def fold_batch_norms(model: nn.Module, folded=None) -> None:
     """Fold eval-mode batch norms into the convolutions that feed them, in place.
 
     Applied to the registered backbones only, whose modules are declared in
@@ -313,6 +314,12 @@ def fold_batch_norms(model: nn.Module) -> None:
     per channel, so it becomes the convolution's weight scale and bias; a
     norm with a fused activation (timm's ``BatchNormAct2d``) keeps only its
     activation. Saves a full pass over every activation map.
+
+    The folded values are computed in float64 (IEEE operations, each correctly
+    rounded on every CPU) and rounded to float32 once, so they are the same
+    bits on every machine: a float32 fold gives bits that depend on which
+    vector kernels (FMA, vector width) the CPU runs, and a model fitted on one
+    machine would then see other weights on another.
     """
     for parent in model.modules():
         children = [
@@ -323,15 +330,31 @@ def fold_batch_norms(model: nn.Module) -> None:
                 continue
             if norm.running_mean is None or norm.running_var is None:
                 continue
+            weight, bias = (folded or _folded_exactly)(conv, norm)
             with torch.no_grad():
-                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-                bias = norm.bias - norm.running_mean * scale
-                if conv.bias is not None:
-                    bias = bias + conv.bias * scale
-                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                conv.weight.copy_(weight)
                 conv.bias = nn.Parameter(bias, requires_grad=False)
             rest = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
             setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+
+
+def _folded_exactly(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``norm(conv(x))`` as one convolution, float64 then rounded once."""
+
+    def exact(tensor):
+        return tensor.detach().cpu().double().numpy()  # exact for every floating dtype
+
+    dtype = conv.weight.dtype
+    scale = exact(norm.weight) / np.sqrt(exact(norm.running_var) + float(norm.eps))
+    bias = exact(norm.bias) - exact(norm.running_mean) * scale
+    if conv.bias is not None:
+        bias = bias + exact(conv.bias) * scale
+    weight = exact(conv.weight) * scale.reshape(-1, 1, 1, 1)
+    device = conv.weight.device
+    return (
+        torch.from_numpy(weight).to(device=device, dtype=dtype),
+        torch.from_numpy(bias).to(device=device, dtype=dtype),
+    )
 
 
 def _check_layers(model: nn.Module, layers, name: str) -> tuple[str, ...]:
@@ -370,7 +393,7 @@ def known_backbones() -> list[str]:
     return sorted(REGISTRY)
 
 
-def build_backbone(backbone, layers=None, weights="imagenet") -> FeatureExtractor:
+def build_backbone(backbone, layers=None, weights="imagenet", *, _folded=None) -> FeatureExtractor:
     """Build a frozen feature extractor on the CPU.
 
     Parameters
@@ -430,12 +453,23 @@ def build_backbone(backbone, layers=None, weights="imagenet") -> FeatureExtracto
             )
         layers = entry.layers
     layers = _check_layers(model, layers, name)
+    if entry is not None and set(layers) <= set(entry.layers):
+        _drop_modules(model, entry.unused)
+    weights_fingerprint = _fingerprint_items(_extractor_state(model, mean, std))
     if entry is not None:
-        if set(layers) <= set(entry.layers):
-            _drop_modules(model, entry.unused)
-        fold_batch_norms(model)
+        fold_batch_norms(model, _folded)
         fuse_relu6(model, keep=layers)
-    return FeatureExtractor(model, layers, mean, std)
+    extractor = FeatureExtractor(model, layers, mean, std)
+    extractor.weights_fingerprint = weights_fingerprint
+    return extractor
+
+
+def _extractor_state(model: nn.Module, mean, std):
+    """What ``FeatureExtractor(model, ..., mean, std).state_dict()`` holds, in its order."""
+    for key, values in (("mean", mean), ("std", std)):
+        yield key, torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+    for key, tensor in model.state_dict().items():
+        yield "model." + key, tensor
 
 
 def _is_torchvision_model(name: str) -> bool:
@@ -453,16 +487,52 @@ def _is_timm_model(name: str) -> bool:
 
 
 def fingerprint(module: nn.Module) -> str:
-    """SHA-256 over a module's parameters and buffers (names, shapes, bytes).
+    """SHA-256 over a module's parameters and buffers (names, shapes, dtypes, bytes)."""
+    return _fingerprint_items(module.state_dict().items())
 
-    Stored with a fitted model so that rebuilding a named backbone on another
-    machine is checked to give exactly the same network.
-    """
+
+def _fingerprint_items(items) -> str:
     digest = hashlib.sha256()
-    for key, tensor in module.state_dict().items():
+    for key, tensor in items:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(key.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _folded_in_float32(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fold of skpatchcore 0.1.1 and before: float32 arithmetic, bits depend on the CPU."""
+    with torch.no_grad():
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        bias = norm.bias - norm.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        return conv.weight * scale.view(-1, 1, 1, 1), bias
+
+
+def check_fingerprint(extractor: FeatureExtractor, stored: str, backbone, layers, weights) -> str:
+    """Check that a rebuilt named backbone is the network a model was fitted with.
+
+    ``stored`` is the model's ``backbone_fingerprint_``. Models written now
+    store the fingerprint of the weights as read (``weights_fingerprint``).
+    Models written by skpatchcore 0.1.1 and before stored the fingerprint of
+    the network after a float32 batch-norm fold, whose bits depend on the
+    CPU: such a model is accepted where that fold, redone here, gives its
+    stored value (so it loads wherever it loaded before), and the weights it
+    then runs with are today's portable fold (scores agree to float32
+    rounding). Returns the portable fingerprint the model should store from
+    now on; raises :class:`BackboneError` when neither matches.
+    """
+    if stored == extractor.weights_fingerprint:
+        return stored
+    if isinstance(backbone, str) and backbone in REGISTRY:
+        legacy = build_backbone(backbone, layers, weights, _folded=_folded_in_float32)
+        if fingerprint(legacy) == stored:
+            return extractor.weights_fingerprint
+    raise BackboneError(
+        f"The weights of backbone {backbone!r} found on this machine differ from the ones the model "
+        "was fitted with, so its scores would change. Load the model where the same weights are "
+        "installed, or refit it."
+    )

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._aggregation import AGGREGATIONS, aggregate, build_stage_maps
-from ._backbones import BackboneError, build_backbone, fingerprint
+from ._backbones import build_backbone, check_fingerprint
 from .utils._buffers import empty_buffer
 from .utils._device import device_after_load, float32_precision, resolve_device
 from .utils._images import (
@@ -232,7 +232,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         images = check_images(X)
         self.device_ = resolve_device(self.device)
         self._set_backbone(build_backbone(self.backbone, self.layers, self.weights))
-        self.backbone_fingerprint_ = fingerprint(self.backbone_)
+        self.backbone_fingerprint_ = self.backbone_.weights_fingerprint
         self.n_channels_ = images.n_channels
         self.geometry_ = geometry
         return self
@@ -442,12 +442,9 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         extractor = self.backbone_
         if extractor is None:
             extractor = build_backbone(self.backbone, self.layers, self.weights)
-            if fingerprint(extractor) != self.backbone_fingerprint_:
-                raise BackboneError(
-                    f"The weights of backbone {self.backbone!r} found on this machine differ from the "
-                    "ones the model was fitted with, so its scores would change. Load the model where "
-                    "the same weights are installed, or refit it."
-                )
+            self.backbone_fingerprint_ = check_fingerprint(
+                extractor, self.backbone_fingerprint_, self.backbone, self.layers, self.weights
+            )
         self._set_backbone(extractor)
 
 

@@ -204,10 +204,19 @@ def _write_zip(path: Path, members: dict[str, bytes]) -> None:
                 info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
                 info.compress_type = zipfile.ZIP_STORED
                 archive.writestr(info, data)
+        # mkstemp makes the file private (0600); a model file gets the usual
+        # permissions of a new file, so that e.g. a service account can read it.
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _versions() -> dict:

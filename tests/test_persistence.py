@@ -114,6 +114,19 @@ def test_pipeline_round_trip_gives_bit_identical_scores_and_maps(fitted, model_f
     assert features.backbone_fingerprint_ == fitted.named_steps["features"].backbone_fingerprint_
 
 
+def test_a_model_file_gets_the_permissions_of_any_new_file(fitted, tmp_path):
+    """Not the private 0600 of the temporary file it is written through (a service must read it)."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        save(fitted[-1], tmp_path / "detector.skpatchcore")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "detector.skpatchcore").st_mode) == 0o644
+
+
 def test_plain_sklearn_pipeline_loads_as_a_patchcore_pipeline(fitted, tmp_path, defective_parts):
     plain = Pipeline(fitted.steps)
     save(plain, tmp_path / "plain.skpatchcore")
