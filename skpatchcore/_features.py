@@ -21,6 +21,7 @@ from ._backbones import build_backbone, check_fingerprint
 from .utils._buffers import empty_buffer
 from .utils._device import device_after_load, float32_precision, resolve_device
 from .utils._images import (
+    DEFAULT_BIT_DEPTH,
     LEGACY_RESIZE_SIDE,
     RESIZE_SIDES,
     Geometry,
@@ -75,6 +76,12 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         is cut away. ``"shorter"`` is torchvision's ``Resize`` (the paper's
         geometry, with a smaller centre crop). Ignored when ``image_size`` is
         a pair or None.
+    bit_depth : int, default=16
+        Significant bits of 16-bit images (16-bit grayscale PNG/TIFF files
+        and uint16 arrays): their values are divided by ``2**bit_depth - 1``.
+        Set 10 or 12 for camera data stored in the low bits of 16-bit words,
+        or it comes out nearly black; a value beyond that range raises an
+        error naming the image. 8-bit images always count 255 as white.
     patch_size : int, default=3
         Side of the neighbourhood aggregated around each location (odd).
     aggregation : {"mean", "reference"}, default="mean"
@@ -109,7 +116,8 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     layers_ : tuple of str
         The layers used.
     n_channels_ : int
-        Channels (1 or 3) of the images seen in ``fit``; ``transform`` expects the same.
+        3 when any image seen in ``fit`` is in colour, else 1. ``transform``
+        brings every image to it (see Notes).
     n_features_out_ : int
         Length of each output vector.
     device_ : torch.device
@@ -132,9 +140,18 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     crop cuts defects away; see the tuning page of the documentation for the
     tables.
 
-    Grayscale images are fed to the backbone as three identical channels.
-    uint8 arrays and image files are resized by PIL (as the reference code);
-    float arrays are resized channel by channel in float, without rounding.
+    **Reading images.** Files are read as a photo viewer shows them: the EXIF
+    orientation is applied, a fully opaque alpha channel is dropped (a
+    transparent one is refused), palettes and other colour spaces become RGB.
+    A folder may mix grayscale and colour images: a model fitted on any colour
+    image is an RGB model, and a grayscale image then gets its one channel
+    three times, exactly as if the file had been converted to RGB first. The
+    other way round, a colour image given to a model fitted on grayscale
+    images only is converted to luma (PIL's ``L = 0.299 R + 0.587 G + 0.114
+    B``), as converting the file to grayscale would. Grayscale images reach
+    the backbone as three identical channels. 8-bit images and uint8 arrays
+    are resized by PIL (as the reference code); 16-bit images and float
+    arrays are resized channel by channel in float, without rounding.
 
     Examples
     --------
@@ -154,6 +171,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "crop_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "resize_side": [StrOptions(set(RESIZE_SIDES))],
+        "bit_depth": [Interval(Integral, 1, 16, closed="both")],
         "patch_size": [Interval(Integral, 1, None, closed="left")],
         "aggregation": [StrOptions(set(AGGREGATIONS))],
         "pretrain_dim": [Interval(Integral, 1, None, closed="left")],
@@ -173,6 +191,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         image_size=320,
         crop_size=320,
         resize_side="longer",
+        bit_depth=DEFAULT_BIT_DEPTH,
         patch_size=3,
         aggregation="mean",
         pretrain_dim=1024,
@@ -188,6 +207,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         self.image_size = image_size
         self.crop_size = crop_size
         self.resize_side = resize_side
+        self.bit_depth = bit_depth
         self.patch_size = patch_size
         self.aggregation = aggregation
         self.pretrain_dim = pretrain_dim
@@ -229,7 +249,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         geometry = self._geometry()
         if self.patch_size % 2 == 0:
             raise ValueError(f"The 'patch_size' parameter must be odd; got {self.patch_size}.")
-        images = check_images(X)
+        images = check_images(X, bit_depth=self.bit_depth)
         self.device_ = resolve_device(self.device)
         self._set_backbone(build_backbone(self.backbone, self.layers, self.weights))
         self.backbone_fingerprint_ = self.backbone_.weights_fingerprint
@@ -315,7 +335,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         """
         check_is_fitted(self)
         skip = on_error == "skip"
-        images = check_images(X, expected_channels=self.n_channels_, skip_errors=skip)
+        images = check_images(X, channels=self.n_channels_, skip_errors=skip, bit_depth=self.bit_depth)
         geometry = self.geometry_
         valid = images.valid
         if not valid:
@@ -339,10 +359,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         def load_one(i):
             # Decoded images stay 8-bit until the whole batch is converted at once.
             try:
-                image = images.load(i)
-                if isinstance(image, Image.Image):
-                    return geometry.apply_8bit(image), None
-                return geometry.apply(image), None
+                return images.model_input(i, geometry), None
             except ImageReadError as error:
                 if not skip:
                     raise
@@ -436,6 +453,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
     def _after_unpickle(self):
         # Pickled before resize_side existed: those models resized the shorter side.
         self.__dict__.setdefault("resize_side", LEGACY_RESIZE_SIDE)
+        self.__dict__.setdefault("bit_depth", DEFAULT_BIT_DEPTH)
         if "backbone_" not in self.__dict__:
             return
         self.device_ = device_after_load(self.device_, type(self).__name__)

@@ -23,7 +23,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from skpatchcore.utils._images import Geometry, ImageReadError, decode, image_paths_in, open_image
+from skpatchcore.utils._images import (
+    Geometry,
+    ImageReadError,
+    decode,
+    image_paths_in,
+    open_image,
+    upright_size,
+)
 
 __all__ = ["MVTecCategory", "load_image_folder", "load_masks", "load_mvtec_category"]
 
@@ -108,9 +115,9 @@ def _reworded(error: ImageReadError, path, role: str) -> ImageReadError:
 
 
 def _image_size(path, role: str) -> tuple[int, int]:
-    """``(height, width)`` from the header of an image file."""
+    """``(height, width)`` from the header of an image file, as shown upright (EXIF orientation)."""
     with _open(path, role) as image:
-        return image.height, image.width
+        return upright_size(image)
 
 
 def load_image_folder(path) -> list[str]:
@@ -265,8 +272,9 @@ def load_masks(
 
     A mask file is read as grayscale: if its values are only 0 and 1 they are
     used as they are, otherwise a pixel is defective where its value is at
-    least 128 (so 0/255 masks and masks with soft edges both work). For a
-    colour mask the brightest channel counts.
+    least half the file's range (128 of 255, or 32768 of 65535 for a 16-bit
+    mask), so 0/255 masks and masks with soft edges both work. For a colour
+    mask the brightest channel counts.
 
     Parameters
     ----------
@@ -357,5 +365,6 @@ def _read_mask(path) -> Image.Image:
         image.close()
     if pixels.ndim == 3:
         pixels = pixels.max(axis=2)
-    defective = pixels > 0 if pixels.max(initial=0) <= 1 else pixels >= 128
+    half = 128 if pixels.dtype == np.uint8 else 32768  # 16-bit modes read as uint16 or int32
+    defective = pixels > 0 if pixels.max(initial=0) <= 1 else pixels >= half
     return Image.fromarray(np.where(defective, 255, 0).astype(np.uint8))

@@ -57,11 +57,14 @@ REFUSED = {
     "truncated PNG": (lambda tmp: truncated(tmp / "cut.png", "PNG"), "cut.png.*truncated"),
     "truncated JPEG": (lambda tmp: truncated(tmp / "cut.jpg", "JPEG"), "cut.jpg.*truncated"),
     "0-byte file": (lambda tmp: write_bytes(tmp / "empty.png", b""), "empty.png"),
-    "16-bit PNG": (
-        lambda tmp: save(tmp / "deep.png", np.full((32, 32), 4000, np.uint16)),
-        "deep.png.*16/32-bit",
+    "float TIFF": (
+        lambda tmp: save(tmp / "deep.tif", np.full((32, 32), 0.5, np.float32)),
+        "deep.tif.*32-bit float",
     ),
-    "RGBA PNG": (lambda tmp: save(tmp / "alpha.png", np.zeros((32, 32, 4), np.uint8)), "alpha.png.*alpha"),
+    "transparent RGBA PNG": (
+        lambda tmp: save(tmp / "alpha.png", np.zeros((32, 32, 4), np.uint8)),
+        "alpha.png.*transparent",
+    ),
     "20000 x 20000 PNG": (
         lambda tmp: png_header_only(tmp / "huge.png", 20000, 20000),
         "huge.png.*too many pixels",
@@ -83,7 +86,8 @@ def test_bad_frames_are_refused_with_their_name(model, tmp_path, make):
 
 
 CONVERTED = {
-    # palette -> RGB, CMYK -> RGB, 1-bit -> grayscale (then 3 identical channels), 1 x 1 -> upsampled
+    # palette -> RGB, CMYK -> RGB, 16-bit gray -> float gray, 1 x 1 -> upsampled (tests/test_messy_folders.py
+    # checks each kind of file against its conversion)
     "palette PNG": lambda tmp: (
         Image.fromarray(textured_parts(1, size=80)[0]).quantize(32).save(tmp / "p.png") or str(tmp / "p.png")
     ),
@@ -92,6 +96,7 @@ CONVERTED = {
         or str(tmp / "c.jpg")
     ),
     "1 x 1 RGB": lambda tmp: save(tmp / "dot.png", np.full((1, 1, 3), 128, np.uint8)),
+    "16-bit PNG": lambda tmp: save(tmp / "deep.png", np.full((32, 32), 4000, np.uint16)),
 }
 
 
@@ -132,7 +137,7 @@ def test_one_bad_frame_does_not_lose_the_others_when_skipping(model, tmp_path):
 
 def test_skipping_also_covers_wrong_channels_and_bad_arrays(model):
     images = list(textured_parts(2, size=64, seed=44))
-    batch = [images[0], images[1][..., 0], np.full((64, 64, 3), np.nan, np.float32), images[1]]
+    batch = [images[0], np.zeros((64, 64, 5), np.uint8), np.full((64, 64, 3), np.nan, np.float32), images[1]]
     with pytest.warns(SkippedImagesWarning, match="Skipped 2 image"):
         scores = model.anomaly_score(batch, on_error="skip")
     assert np.isnan(scores[[1, 2]]).all() and np.isfinite(scores[[0, 3]]).all()

@@ -613,22 +613,22 @@ def _png(path, array, mode=None):
         (lambda tmp: np.zeros((2, 8, 8, 3, 1), dtype=np.uint8), r"\(n_images, H, W\)"),
         (lambda tmp: np.full((1, 16, 16), np.nan, dtype=np.float32), "NaN or infinity"),
         (lambda tmp: np.full((1, 16, 16), 2.0, dtype=np.float32), r"must lie in \[0, 1\]"),
-        (lambda tmp: np.zeros((1, 16, 16), dtype=np.uint16), "integer dtype uint16"),
-        (lambda tmp: np.zeros((1, 16, 16, 4), dtype=np.uint8), "4 channels"),
-        (
-            lambda tmp: [np.zeros((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8)],
-            "mixes grayscale and RGB",
-        ),
+        (lambda tmp: np.zeros((1, 16, 16), dtype=np.int32), "integer dtype int32"),
+        (lambda tmp: np.full((1, 16, 16), 5000, dtype=np.uint16), "beyond 4095 of bit_depth=12"),
+        (lambda tmp: np.zeros((1, 16, 16, 4), dtype=np.uint8), "4 channels.*not fully opaque"),
+        (lambda tmp: np.zeros((1, 16, 16, 5), dtype=np.uint8), "5 channels"),
         (lambda tmp: [str(tmp / "missing.png")], "no such file"),
         (lambda tmp: [str((tmp / "notes.txt").write_text("hi") and tmp / "notes.txt")], "not an image file"),
-        (lambda tmp: [_png(tmp / "a.png", np.zeros((8, 8, 4), np.uint8))], "alpha channel"),
-        (lambda tmp: [_png(tmp / "b.png", np.zeros((8, 8), np.uint16))], "16/32-bit"),
+        (lambda tmp: [_png(tmp / "a.png", np.zeros((8, 8, 4), np.uint8))], "a.png.*transparent pixels"),
+        (lambda tmp: [_png(tmp / "b.tif", np.zeros((8, 8), np.float32))], "b.tif.*32-bit float"),
+        (lambda tmp: [_png(tmp / "c.png", np.full((8, 8), 4096, np.uint16))], "c.png.*bit_depth=12"),
         (lambda tmp: "image.png", "single str"),
     ],
 )
 def test_bad_images_get_a_clear_error(tmp_path, lite_features, make_input, message):
+    transformer = copy.deepcopy(lite_features).set_params(bit_depth=12)
     with pytest.raises((ValueError, TypeError, ImageReadError), match=message):
-        lite_features.transform(make_input(tmp_path))
+        transformer.transform(make_input(tmp_path))
 
 
 def test_truncated_file_error_names_the_file(tmp_path, lite_features):
@@ -644,9 +644,10 @@ def test_transform_before_fit_raises_not_fitted():
         PatchFeatureTransformer(backbone="efficientnet_lite0").transform(textured_parts(1))
 
 
-def test_grayscale_images_are_refused_by_a_model_fitted_on_rgb(lite_features):
-    with pytest.raises(ValueError, match="fitted on RGB"):
-        lite_features.transform(textured_parts(1)[..., 0])
+def test_a_grayscale_image_in_an_rgb_model_is_read_as_its_rgb_conversion(lite_features):
+    gray = textured_parts(1, seed=7)[..., 0]
+    as_rgb = np.repeat(gray[..., None], 3, axis=3)
+    np.testing.assert_array_equal(lite_features.transform(gray), lite_features.transform(as_rgb))
 
 
 def test_differing_aspect_ratios_without_crop_ask_for_crop_size(lite_features):
