@@ -228,8 +228,8 @@ def run_config(spec: dict) -> dict:
     import numpy as np
 
     from skpatchcore import make_patchcore
-    from skpatchcore.datasets import load_masks, load_mvtec_category
-    from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+    from skpatchcore.datasets import load_mvtec_category
+    from skpatchcore.metrics import image_auroc
 
     apply_threads(spec.get("threads"))
     result = {key: spec[key] for key in ("category", "ratio", "settings", "quick")}
@@ -289,17 +289,9 @@ def run_config(spec: dict) -> dict:
     result["peak_rss_mb"] = peak_rss_mb()
 
     start = time.perf_counter()
-    masks = load_masks(
-        mask_paths,
-        test,
-        image_size=features.image_size,
-        crop_size=features.crop_size,
-        resize_side=features.resize_side,
-    )
     result["input_size"] = list(maps.shape[1:])
     result["image_auroc"] = image_auroc(labels, scores)
-    result["pixel_auroc"] = pixel_auroc(masks, maps)
-    result["aupro"] = aupro(masks, maps)
+    result.update(_pixel_metrics(pipe, test, mask_paths, maps))
     times["evaluate_s"] = time.perf_counter() - start
     result["times"] = times
 
@@ -322,10 +314,11 @@ def _run_plain(spec: dict, result: dict, train, test, labels, mask_paths) -> dic
     counts are the reference code's.
     """
     import importlib
+    from types import SimpleNamespace
 
     from benchmarks import plain
-    from skpatchcore.datasets import load_masks
-    from skpatchcore.metrics import image_auroc, pixel_auroc
+    from skpatchcore.metrics import image_auroc
+    from skpatchcore.utils._images import Geometry
 
     for name in REFERENCE_IMPORTS:  # the reference code's imports, so the baseline RSS matches
         importlib.import_module(name)
@@ -347,16 +340,19 @@ def _run_plain(spec: dict, result: dict, train, test, labels, mask_paths) -> dic
     result["n_train"], result["n_test"] = len(train), len(test)
     result["bank_size"] = done["bank_size"]
     result["times"] = done["times"]
-    masks = load_masks(
-        mask_paths,
-        test,
-        image_size=REFERENCE_SETTINGS["image_size"],
-        crop_size=REFERENCE_SETTINGS["crop_size"],
-        resize_side=REFERENCE_SETTINGS["resize_side"],
-    )
+    geometry = Geometry(*(REFERENCE_SETTINGS[key] for key in ("image_size", "crop_size", "resize_side")))
     result["image_auroc"] = image_auroc(labels, done["scores"])
-    result["pixel_auroc"] = pixel_auroc(masks, done["maps"])
+    result.update(_pixel_metrics(SimpleNamespace(geometry_=geometry), test, mask_paths, done["maps"]))
     return result
+
+
+def _pixel_metrics(model, test, mask_paths, maps) -> dict:
+    """Pixel AUROC and AUPRO over the images' own pixels (DESIGN section 5), and what the crop cut."""
+    from skpatchcore.metrics import pixel_metrics
+
+    pixels = pixel_metrics(model, test, mask_paths, maps=maps)
+    keys = ("pixel_auroc", "aupro", "n_defective_pixels", "n_defective_pixels_not_inspected")
+    return {key: pixels[key] for key in keys}
 
 
 def _single_main(spec_json: str, out_path: str) -> int:

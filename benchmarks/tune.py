@@ -21,12 +21,13 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from skpatchcore import GreedyCoresetSampler, PatchCoreDetector, PatchFeatureTransformer
-from skpatchcore.datasets import load_masks, load_mvtec_category
-from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+from skpatchcore.datasets import load_mvtec_category
+from skpatchcore.metrics import image_auroc, pixel_metrics
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CATEGORIES = {"mpdd/metal_plate": "mpdd/metal_plate", "magnetic_tile": "magnetic_tile/magnetic_tile"}
@@ -92,35 +93,30 @@ def _cached_features(category: str, settings: dict, cache: Path):
         np.save(stem.with_suffix(".test.npy"), test)
         stem.with_suffix(".json").write_text(json.dumps({"size": size}))
     size = tuple(json.loads(stem.with_suffix(".json").read_text())["size"])
-    geometry = PatchFeatureTransformer(**settings)  # the settings' geometry, defaults filled in
-    masks = load_masks(
-        data.test_mask_paths,
-        data.test_paths,
-        image_size=geometry.image_size,
-        crop_size=geometry.crop_size,
-        resize_side=geometry.resize_side,
-    )
+    # The settings' geometry, defaults filled in, as a fitted transformer would hold it.
+    model = SimpleNamespace(geometry_=PatchFeatureTransformer(**settings)._geometry())
     train = np.load(stem.with_suffix(".train.npy"))
     test = np.load(stem.with_suffix(".test.npy"), mmap_mode="r")
-    return train, test, size, data.test_labels, masks
+    return train, test, size, data, model
 
 
 def evaluate(category, features, coreset, detector, ratio, seed, cache) -> dict:
     settings = {**BACKBONE, **features}
-    train, test, size, labels, masks = _cached_features(category, settings, cache)
+    train, test, size, data, geometry = _cached_features(category, settings, cache)
     start = time.perf_counter()
     kept = GreedyCoresetSampler(ratio, random_state=seed, device="cpu", **coreset).fit_transform(train)
     model = PatchCoreDetector(device="cpu", **detector).fit(kept)
     maps, scores = model.predict_map(test, output_size=size, return_scores=True)
+    pixels = pixel_metrics(geometry, data.test_paths, data.test_mask_paths, maps=maps)
     return {
         "category": category,
         "ratio": ratio,
         "features": features,
         "coreset": coreset,
         "detector": detector,
-        "image_auroc": image_auroc(labels, scores),
-        "pixel_auroc": pixel_auroc(masks, maps),
-        "aupro": aupro(masks, maps),
+        "image_auroc": image_auroc(data.test_labels, scores),
+        # Over the images' own pixels (maps back at each original size).
+        **{key: value for key, value in pixels.items() if key in ("pixel_auroc", "aupro")},
         "dims": int(train.shape[-1]),
         "grid": list(train.shape[1:3]),
         "seconds": round(time.perf_counter() - start, 1),

@@ -27,7 +27,7 @@ from PIL import Image
 from skpatchcore import make_patchcore
 from skpatchcore._demo import make_demo_dataset
 from skpatchcore.datasets import load_masks, load_mvtec_category
-from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+from skpatchcore.metrics import image_auroc, pixel_metrics
 
 
 def find_mpdd():
@@ -93,12 +93,12 @@ for name, settings in variants.items():
     model.fit(train_paths)
     maps, scores = model.predict_map(test_paths, return_scores=True)
     seconds = time.perf_counter() - start
-    # Masks at this variant's geometry, so that they line up with its maps.
-    masks = load_masks(test_masks, test_paths, image_size=settings["image_size"], crop_size=None)
+    # Each map back on its original image, against the mask as it is on disk.
+    pixels = pixel_metrics(model, test_paths, test_masks, maps=maps)
     results[name] = {
         "image AUROC": image_auroc(test_labels, scores),
-        "pixel AUROC": pixel_auroc(masks, maps),
-        "AUPRO": aupro(masks, maps),
+        "pixel AUROC": pixels["pixel_auroc"],
+        "AUPRO": pixels["aupro"],
         "seconds": seconds,
         "dims": model.named_steps["features"].n_features_out_,
     }

@@ -2,10 +2,10 @@
 
 The model sees each image resized and centre-cropped (see
 :class:`~skpatchcore.utils._images.Geometry`), so its anomaly maps live at
-the model input size. :func:`map_to_original` undoes that geometry: it puts
-the map back into the resized frame, marks the border that the crop cut
-away as not inspected, and resizes the result to the original image size.
-:func:`overlay` then draws it on the original pixels and :func:`write_report`
+the model input size. :meth:`~skpatchcore.utils._images.Geometry.to_original` undoes that
+geometry (the map back on the original image, with the border that a crop
+cut away marked as not inspected); :func:`overlay` then draws it on the
+original pixels and :func:`write_report`
 lays out the evaluation page. Everything renders with Matplotlib's Agg
 canvas directly (no pyplot, no display needed).
 """
@@ -20,9 +20,9 @@ from PIL import Image
 
 from .datasets import _read_mask
 from .metrics import image_auroc
-from .utils._images import Geometry, decode, open_image
+from .utils._images import DEFAULT_BIT_DEPTH, Geometry, check_images
 
-__all__ = ["map_to_original", "overlay", "read_rgb", "write_overlay", "write_report"]
+__all__ = ["overlay", "read_rgb", "write_overlay", "write_report"]
 
 # Heat colours are relative to the model's threshold on the image score: the
 # colour scale runs from HEAT_LOW to HEAT_HIGH times the threshold, so the
@@ -31,94 +31,16 @@ HEAT_LOW, HEAT_HIGH = 0.5, 1.5
 _COLORMAP = "jet"
 
 
-def _crop_offsets(geometry: Geometry, resized: tuple[int, int]) -> tuple[int, int]:
-    """Row and column of the crop's top-left corner in the resized frame.
+def read_rgb(path, bit_depth: int = DEFAULT_BIT_DEPTH) -> np.ndarray:
+    """Pixels of an image file as the model reads them, as uint8 RGB ``(H, W, 3)`` for display.
 
-    Mirrors the forward centre crop: torchvision pads a too-small image with
-    zeros (the smaller half on the top/left) and then takes the centre, so
-    the offset is negative when the crop is larger than the resized image.
+    Upright (EXIF orientation applied), grayscale repeated, 16-bit images
+    scaled with ``bit_depth`` as the model scales them.
     """
-    crop = geometry.crop_size
-    crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
-    offsets = []
-    for length, crop_length in zip(resized, (crop_h, crop_w)):
-        pad = max(crop_length - length, 0)
-        padded = length + pad
-        offsets.append(int(round((padded - crop_length) / 2.0)) - pad // 2)
-    return offsets[0], offsets[1]
-
-
-def map_to_original(
-    anomaly_map: np.ndarray, original_size: tuple[int, int], geometry: Geometry
-) -> tuple[np.ndarray, np.ndarray]:
-    """Bring a map at the model input size back onto the original image.
-
-    The inverse of the model's input geometry: the map is placed where the
-    centre crop took it from in the resized image, the cropped-away border is
-    filled by extending the map's edge (so the resize below does not smear
-    zeros inwards) and flagged as not inspected, and the resized frame is
-    resized back to ``original_size`` (bilinear).
-
-    Parameters
-    ----------
-    anomaly_map : ndarray of shape (H, W)
-        A map at the model input size, e.g. one of ``predict_map``'s maps.
-    original_size : (int, int)
-        ``(height, width)`` of the original image.
-    geometry : Geometry
-        The model's resize and crop.
-
-    Returns
-    -------
-    heat : ndarray of shape original_size, float32
-        The map at the original size; outside ``inspected`` it only repeats
-        the nearest inspected value.
-    inspected : ndarray of shape original_size, bool
-        True where the model saw the image, False on the cropped-away border.
-    """
-    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
-    height, width = int(original_size[0]), int(original_size[1])
-    resized = geometry.resized_size(height, width)
-    expected = geometry.output_size(height, width)
-    if anomaly_map.shape != tuple(expected):
-        raise ValueError(
-            f"An image of {height}x{width} pixels reaches the model as {expected[0]}x{expected[1]} "
-            f"(image_size={geometry.image_size!r}, crop_size={geometry.crop_size!r}), but the map is "
-            f"{anomaly_map.shape[0]}x{anomaly_map.shape[1]}."
-        )
-    if geometry.crop_size is None:
-        frame, inspected = anomaly_map, np.ones(resized, dtype=bool)
-    else:
-        top, left = _crop_offsets(geometry, resized)
-        rows = np.arange(resized[0]) - top
-        cols = np.arange(resized[1]) - left
-        inside_rows = (rows >= 0) & (rows < anomaly_map.shape[0])
-        inside_cols = (cols >= 0) & (cols < anomaly_map.shape[1])
-        frame = anomaly_map[np.clip(rows, 0, anomaly_map.shape[0] - 1)][
-            :, np.clip(cols, 0, anomaly_map.shape[1] - 1)
-        ]
-        inspected = inside_rows[:, None] & inside_cols[None, :]
-    if resized == (height, width):
-        return np.ascontiguousarray(frame, dtype=np.float32), inspected
-    heat = _resize_float(frame, (height, width))
-    # The inspected region goes through the same bilinear resize as a mask
-    # through the forward geometry, then is binarised at one half.
-    inspected = _resize_float(inspected.astype(np.float32), (height, width)) >= 0.5
-    return heat, inspected
-
-
-def _resize_float(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F")
-    return np.asarray(image.resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32)
-
-
-def read_rgb(path) -> np.ndarray:
-    """Pixels of an image file as uint8 RGB ``(H, W, 3)`` (grayscale is repeated)."""
-    image = open_image(path)
-    try:
-        return np.asarray(decode(image, source=path).convert("RGB"))
-    finally:
-        image.close()
+    pixels = check_images([path], channels=3, bit_depth=bit_depth).load(0)
+    if isinstance(pixels, np.ndarray):
+        return np.round(pixels * 255.0).astype(np.uint8)
+    return np.asarray(pixels)
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, inspected: np.ndarray, threshold: float) -> np.ndarray:
@@ -134,7 +56,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, inspected: np.ndarray, threshol
     image : ndarray of shape (H, W, 3), uint8
         The original image.
     heat, inspected : ndarray of shape (H, W)
-        From :func:`map_to_original`.
+        From :meth:`~skpatchcore.utils._images.Geometry.to_original`.
     threshold : float
         The model's anomaly-score threshold (``threshold_`` of the detector).
 
@@ -154,10 +76,12 @@ def overlay(image: np.ndarray, heat: np.ndarray, inspected: np.ndarray, threshol
     return np.round(result * 255.0).astype(np.uint8)
 
 
-def write_overlay(path, image_path, anomaly_map, geometry: Geometry, threshold: float) -> tuple[int, int]:
+def write_overlay(
+    path, image_path, anomaly_map, geometry: Geometry, threshold: float, bit_depth: int = DEFAULT_BIT_DEPTH
+) -> tuple[int, int]:
     """Write the overlay of one image as a PNG at its original size; return that ``(height, width)``."""
-    image = read_rgb(image_path)
-    heat, inspected = map_to_original(anomaly_map, image.shape[:2], geometry)
+    image = read_rgb(image_path, bit_depth)
+    heat, inspected = geometry.to_original(anomaly_map, image.shape[:2])
     Image.fromarray(overlay(image, heat, inspected, threshold)).save(path)
     return image.shape[0], image.shape[1]
 
@@ -174,6 +98,7 @@ def write_report(
     maps: np.ndarray,
     mask_paths: Sequence,
     geometry: Geometry,
+    bit_depth: int = DEFAULT_BIT_DEPTH,
     n_examples: int = 4,
 ) -> None:
     """Write the one-page evaluation report as a PNG.
@@ -205,6 +130,8 @@ def write_report(
         Anomaly maps at the model input size.
     geometry : Geometry
         The model's input geometry, to draw the maps on the original images.
+    bit_depth : int, default=16
+        The model's ``bit_depth``, to show 16-bit images as it reads them.
     n_examples : int, default=4
         Images shown per row.
     """
@@ -257,15 +184,23 @@ def write_report(
         for column, axes in enumerate(subfigure.subplots(1, n_examples, squeeze=False)[0]):
             axes.axis("off")
             if column < len(picks):
+                image = read_rgb(image_paths[int(picks[column])], bit_depth)
                 _draw_example(
-                    axes, int(picks[column]), image_paths, mask_paths, maps, scores, geometry, threshold
+                    axes,
+                    image,
+                    int(picks[column]),
+                    image_paths,
+                    mask_paths,
+                    maps,
+                    scores,
+                    geometry,
+                    threshold,
                 )
     figure.savefig(path, dpi=100)
 
 
-def _draw_example(axes, index, image_paths, mask_paths, maps, scores, geometry, threshold) -> None:
-    image = read_rgb(image_paths[index])
-    heat, inspected = map_to_original(maps[index], image.shape[:2], geometry)
+def _draw_example(axes, image, index, image_paths, mask_paths, maps, scores, geometry, threshold) -> None:
+    heat, inspected = geometry.to_original(maps[index], image.shape[:2])
     axes.imshow(overlay(image, heat, inspected, threshold))
     if mask_paths[index] is not None:
         mask = np.asarray(_read_mask(mask_paths[index])) > 0

@@ -35,8 +35,8 @@ from ._features import PatchFeatureTransformer
 from ._persistence import ModelFileError, load, save
 from ._pipeline import PatchCorePipeline, make_patchcore
 from ._version import __version__
-from .datasets import _reworded, load_masks, load_mvtec_category
-from .metrics import aupro, image_auroc, pixel_auroc
+from .datasets import _reworded, load_mvtec_category
+from .metrics import image_auroc, pixel_metrics
 from .utils._images import ImageReadError, SkippedImagesWarning, image_paths_in, open_image
 
 __all__ = ["main"]
@@ -219,7 +219,7 @@ def _predict(
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     decision, labels = _decisions(model, scores)
-    geometry = model.named_steps["features"].geometry_
+    features = model.named_steps["features"]
     threshold = model.named_steps["detector"].threshold_
     overlay_dir = out / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -233,7 +233,9 @@ def _predict(
                 writer.writerow([image, "", "", "", "", skipped[index]])
                 continue
             overlay_path = overlay_dir / name
-            _report.write_overlay(overlay_path, image, maps[index], geometry, threshold)
+            _report.write_overlay(
+                overlay_path, image, maps[index], features.geometry_, threshold, features.bit_depth
+            )
             row = [
                 image,
                 repr(float(scores[index])),
@@ -258,16 +260,12 @@ def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) ->
             f"{n_good} good and {n_defective} defective images."
         )
     features = model.named_steps["features"]
-    masks = load_masks(
-        data.test_mask_paths,
-        data.test_paths,
-        image_size=features.image_size,
-        crop_size=features.crop_size,
-        resize_side=features.resize_side,
-    )
     maps, scores = model.predict_map(data.test_paths, return_scores=True)
+    # Over the images' own pixels: maps taken back to each original image (see metrics.pixel_metrics).
+    pixels = pixel_metrics(model, data.test_paths, data.test_mask_paths, maps=maps)
     decision, predicted = _decisions(model, scores)
     threshold = model.named_steps["detector"].threshold_
+    geometry = features.geometry_
 
     by_type = {}
     for defect_type in sorted(set(data.test_defect_types) - {"good"}):
@@ -275,8 +273,12 @@ def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) ->
         by_type[defect_type] = image_auroc(labels[keep], scores[keep])
     metrics = {
         "image_auroc": image_auroc(labels, scores),
-        "pixel_auroc": pixel_auroc(masks, maps),
-        "aupro": aupro(masks, maps),
+        "pixel_auroc": pixels["pixel_auroc"],
+        "aupro": pixels["aupro"],
+        "pixels": "each image's own pixels at its original size; pixels cut away by a crop count as "
+        "never flagged",
+        "n_defective_pixels": pixels["n_defective_pixels"],
+        "n_defective_pixels_not_inspected": pixels["n_defective_pixels_not_inspected"],
         "image_auroc_by_defect_type": by_type,
         "threshold": threshold,
         "defective_flagged": int(np.sum(predicted[labels == -1] == -1)),
@@ -286,9 +288,9 @@ def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) ->
         "category": data.name,
         "data": os.fspath(data.path),
         "model": model_name,
-        "image_size": features.image_size,
-        "crop_size": features.crop_size,
-        "resize_side": features.resize_side,
+        "image_size": geometry.image_size,
+        "crop_size": geometry.crop_size,
+        "resize_side": geometry.resize_side,
         "skpatchcore_version": __version__,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -319,6 +321,7 @@ def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) ->
         maps=maps,
         mask_paths=data.test_mask_paths,
         geometry=features.geometry_,
+        bit_depth=features.bit_depth,
     )
     return metrics
 
@@ -335,6 +338,12 @@ def _metrics_table(metrics: dict) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
     lines += [f"{name:<{width}}  {value:.3f}" for name, value in rows]
+    lines.append("Pixel metrics over each image's own pixels, at its original size.")
+    if metrics["n_defective_pixels_not_inspected"]:
+        lines.append(
+            f"The crop cut away {metrics['n_defective_pixels_not_inspected']} of the "
+            f"{metrics['n_defective_pixels']} defective pixels: they count as missed."
+        )
     lines.append(
         f"At the threshold {metrics['threshold']:.4g}: {metrics['defective_flagged']} of "
         f"{metrics['n_defective']} defective and {metrics['good_flagged']} of {metrics['n_good']} good "

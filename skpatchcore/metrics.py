@@ -8,6 +8,14 @@ Three metrics, as in the PatchCore and MVTec AD papers:
 - :func:`aupro`: area under the per-region overlap (PRO) curve up to a false
   positive rate of 0.3, normalised to ``[0, 1]``.
 
+Pixel metrics count the images' **own pixels only**. :func:`pixel_metrics`
+takes a fitted model's heat maps back to each image's original size (the
+inverse of the model's fitted geometry: letterbox padding falls away) and
+scores them against the original masks. Pixels that a crop cut away are
+still the image's pixels: they count, as pixels the model never flags (each
+scores below every inspected pixel), and the result says how many defective
+pixels that was.
+
 All three take *anomaly* scores (higher = more anomalous). Labels follow
 scikit-learn's outlier convention: ``+1`` is good (an inlier), ``-1`` is
 defective (an outlier).
@@ -31,8 +39,8 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage
 
-from skpatchcore.datasets import load_masks
-from skpatchcore.utils._images import LEGACY_RESIZE_SIDE
+from skpatchcore.datasets import _image_size, _read_mask
+from skpatchcore.utils._images import Geometry
 
 __all__ = [
     "aupro",
@@ -40,6 +48,7 @@ __all__ = [
     "image_auroc_scorer",
     "make_pixel_scorer",
     "pixel_auroc",
+    "pixel_metrics",
 ]
 
 # 8-connectivity: pixels touching by a corner belong to the same defect region.
@@ -100,19 +109,74 @@ def _check_max_fpr(max_fpr) -> float:
     return float(max_fpr)
 
 
-def _check_masks_and_maps(masks, anomaly_maps) -> tuple[np.ndarray, np.ndarray]:
-    masks = _check_binary_masks(masks)
-    anomaly_maps = _as_float_scores(anomaly_maps, "anomaly_maps")
-    if masks.ndim != 3:
+def _check_masks_and_maps(masks, anomaly_maps, inspected=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image, (defective pixels, scores): 2-D arrays of one shape.
+
+    ``masks`` and ``anomaly_maps`` are (n, H, W) arrays or sequences of 2-D
+    arrays whose sizes may differ between images. Where ``inspected`` is
+    False, a pixel's score is replaced by one just below every inspected
+    pixel's, so that no threshold flags it.
+    """
+    masks = _image_list(masks, "masks")
+    anomaly_maps = _image_list(anomaly_maps, "anomaly_maps")
+    if len(masks) != len(anomaly_maps):
         raise ValueError(
-            f"'masks' must be a 3-D array of shape (n_images, height, width); got shape {masks.shape}."
+            f"'masks' and 'anomaly_maps' must hold one entry per image; got {len(masks)} masks and "
+            f"{len(anomaly_maps)} maps."
         )
-    if anomaly_maps.shape != masks.shape:
-        raise ValueError(
-            "'anomaly_maps' must have the same shape as 'masks' (n_images, height, width); "
-            f"got anomaly_maps {anomaly_maps.shape} and masks {masks.shape}."
-        )
-    return masks, anomaly_maps
+    masks = [_check_binary_masks(mask) for mask in masks]
+    anomaly_maps = [_as_float_scores(scores, "anomaly_maps") for scores in anomaly_maps]
+    for index, (mask, scores) in enumerate(zip(masks, anomaly_maps)):
+        if mask.ndim != 2 or scores.shape != mask.shape:
+            raise ValueError(
+                "'anomaly_maps' must have the same shape as 'masks', image by image ((n_images, height, "
+                f"width) arrays or lists of (height, width) arrays); image {index} has a map of shape "
+                f"{scores.shape} and a mask of shape {mask.shape}."
+            )
+    if inspected is None:
+        return list(zip(masks, anomaly_maps))
+    seen = _image_list(inspected, "inspected")
+    if len(seen) != len(masks) or any(np.shape(s) != m.shape for s, m in zip(seen, masks)):
+        raise ValueError("'inspected' must have the shape of 'masks', image by image.")
+    seen = [np.asarray(s, dtype=bool) for s in seen]
+    lowest = min((float(scores[s].min()) for scores, s in zip(anomaly_maps, seen) if s.any()), default=0.0)
+    pairs = []
+    for mask, scores, s in zip(masks, anomaly_maps, seen):
+        if not s.all():
+            below = np.nextafter(scores.dtype.type(lowest), scores.dtype.type(-np.inf))
+            scores = np.where(s, scores, below)
+        pairs.append((mask, scores))
+    return pairs
+
+
+def _gather(pairs, defective: bool) -> np.ndarray:
+    """The scores of every defective (or defect-free) pixel, in one new array."""
+    counts = [int(np.count_nonzero(mask)) for mask, _ in pairs]
+    if not defective:
+        counts = [mask.size - count for (mask, _), count in zip(pairs, counts)]
+    out = np.empty(sum(counts), dtype=np.result_type(*(scores.dtype for _, scores in pairs)))
+    start = 0
+    for (mask, scores), count in zip(pairs, counts):
+        out[start : start + count] = scores[mask] if defective else scores[~mask]
+        start += count
+    return out
+
+
+def _image_list(values, name: str) -> list:
+    """A (n, H, W) array or a sequence of 2-D arrays, as a list of per-image arrays."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 3:
+            raise ValueError(
+                f"'{name}' must be a 3-D array of shape (n_images, height, width) or a list of 2-D "
+                f"arrays; got shape {values.shape}."
+            )
+        return list(values)
+    if isinstance(values, (list, tuple)):
+        arrays = [np.asarray(value) for value in values]
+        if any(array.ndim != 2 for array in arrays):
+            raise ValueError(f"'{name}' as a list must hold 2-D (height, width) arrays, one per image.")
+        return arrays
+    return _image_list(np.asarray(values), name)
 
 
 def _auroc_from_split(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -197,7 +261,7 @@ def image_auroc(y_true, anomaly_scores) -> float:
     return _auroc_from_split(anomaly_scores[defective], anomaly_scores[~defective].copy())
 
 
-def pixel_auroc(masks, anomaly_maps) -> float:
+def pixel_auroc(masks, anomaly_maps, *, inspected=None) -> float:
     """Pixel-level area under the ROC curve, over all pixels of all images.
 
     Every pixel of every image is one sample: defective pixels (mask on)
@@ -208,12 +272,16 @@ def pixel_auroc(masks, anomaly_maps) -> float:
 
     Parameters
     ----------
-    masks : array-like of shape (n_images, height, width)
+    masks : array-like of shape (n_images, height, width), or list of 2-D arrays
         Ground-truth defect masks: bool, or 0/1, or 0/255 values. Good images
-        have all-zero masks.
-    anomaly_maps : array-like of shape (n_images, height, width)
-        Anomaly score of each pixel, higher = more anomalous; same shape as
+        have all-zero masks. A list may hold images of different sizes (e.g.
+        each at its original size, see :func:`pixel_metrics`).
+    anomaly_maps : array-like of shape (n_images, height, width), or list of 2-D arrays
+        Anomaly score of each pixel, higher = more anomalous; same shapes as
         ``masks``.
+    inspected : same shapes as ``masks``, bool, default=None
+        Pixels the model saw. The others (e.g. cut away by a crop) count as
+        never flagged: they score below every inspected pixel.
 
     Returns
     -------
@@ -234,18 +302,19 @@ def pixel_auroc(masks, anomaly_maps) -> float:
     >>> round(pixel_auroc(masks, maps), 4)
     0.6667
     """
-    masks, anomaly_maps = _check_masks_and_maps(masks, anomaly_maps)
-    n_defective = int(np.count_nonzero(masks))
-    if n_defective == 0 or n_defective == masks.size:
+    pairs = _check_masks_and_maps(masks, anomaly_maps, inspected)
+    n_defective = sum(int(np.count_nonzero(mask)) for mask, _ in pairs)
+    n_pixels = sum(mask.size for mask, _ in pairs)
+    if n_defective == 0 or n_defective == n_pixels:
         raise ValueError(
             "'masks' must contain both defective and defect-free pixels for a pixel AUROC; "
-            f"got {n_defective} defective pixels out of {masks.size}."
+            f"got {n_defective} defective pixels out of {n_pixels}."
         )
-    # Boolean indexing copies, so sorting the negatives in place is safe.
-    return _auroc_from_split(anomaly_maps[masks], anomaly_maps[~masks])
+    # Gathering copies, so sorting the negatives in place is safe.
+    return _auroc_from_split(_gather(pairs, defective=True), _gather(pairs, defective=False))
 
 
-def aupro(masks, anomaly_maps, max_fpr: float = 0.3) -> float:
+def aupro(masks, anomaly_maps, max_fpr: float = 0.3, *, inspected=None) -> float:
     """Normalised area under the per-region overlap (PRO) curve.
 
     Definition. The defect regions are the 8-connected components of each
@@ -276,14 +345,17 @@ def aupro(masks, anomaly_maps, max_fpr: float = 0.3) -> float:
 
     Parameters
     ----------
-    masks : array-like of shape (n_images, height, width)
+    masks : array-like of shape (n_images, height, width), or list of 2-D arrays
         Ground-truth defect masks: bool, or 0/1, or 0/255 values. Good images
-        have all-zero masks.
-    anomaly_maps : array-like of shape (n_images, height, width)
-        Anomaly score of each pixel, higher = more anomalous; same shape as
+        have all-zero masks. A list may hold images of different sizes.
+    anomaly_maps : array-like of shape (n_images, height, width), or list of 2-D arrays
+        Anomaly score of each pixel, higher = more anomalous; same shapes as
         ``masks``.
     max_fpr : float, default=0.3
         Upper end of the integration range, in ``(0, 1]``.
+    inspected : same shapes as ``masks``, bool, default=None
+        Pixels the model saw. The others count as never flagged (see
+        :func:`pixel_auroc`).
 
     Returns
     -------
@@ -306,12 +378,12 @@ def aupro(masks, anomaly_maps, max_fpr: float = 0.3) -> float:
     0.15
     """
     max_fpr = _check_max_fpr(max_fpr)
-    masks, anomaly_maps = _check_masks_and_maps(masks, anomaly_maps)
+    pairs = _check_masks_and_maps(masks, anomaly_maps, inspected)
 
     # Defective pixels: their scores and the size of the region each belongs to.
     region_scores, region_sizes_per_pixel = [], []
     n_regions = 0
-    for mask, scores in zip(masks, anomaly_maps):
+    for mask, scores in pairs:
         if not mask.any():
             continue
         labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
@@ -320,7 +392,7 @@ def aupro(masks, anomaly_maps, max_fpr: float = 0.3) -> float:
         region_scores.append(scores[mask])
         region_sizes_per_pixel.append(sizes[pixel_labels])
         n_regions += count
-    n_negatives = masks.size - sum(part.size for part in region_scores)
+    n_negatives = sum(mask.size for mask, _ in pairs) - sum(part.size for part in region_scores)
     if n_regions == 0:
         raise ValueError("'masks' has no defective pixel, so there is no defect region for the AUPRO.")
     if n_negatives == 0:
@@ -339,7 +411,8 @@ def aupro(masks, anomaly_maps, max_fpr: float = 0.3) -> float:
         """PRO when pixels scoring > value (side="right") or >= value (side="left") are flagged."""
         return pro_by_count[positives_asc.size - np.searchsorted(positives_asc, values, side=side)]
 
-    negatives = anomaly_maps[~masks]
+    negatives = _gather(pairs, defective=False)
+    del pairs
     negatives.sort()
     # At each distinct defect-free score v the curve steps from (FPR(> v), PRO(> v))
     # to (FPR(>= v), PRO(>= v)); the steps in between, where only PRO moves, are
@@ -411,6 +484,118 @@ def image_auroc_scorer(estimator, X, y) -> float:
 _PIXEL_METRICS = ("aupro", "pixel_auroc")
 
 
+def pixel_metrics(estimator, image_paths, mask_paths, *, maps=None, max_fpr: float = 0.3) -> dict:
+    """Pixel AUROC and AUPRO of a fitted model over the images' own pixels.
+
+    Each heat map (at the model input size) is taken back to its image's
+    original size by the inverse of the model's *fitted* geometry
+    (``geometry_`` of the feature step: resize, crop or letterbox), and
+    compared with the image's mask as it is on disk. So letterbox padding,
+    which is no pixel of the image, is not counted at all; pixels that a
+    crop cut away are the image's own and are counted, as pixels the model
+    never flags (each scores below every inspected pixel): a defect outside
+    the crop is missed, not forgiven.
+
+    Parameters
+    ----------
+    estimator : fitted PatchCorePipeline, or estimator with ``predict_map`` and ``geometry_``
+        The model. For a pipeline, the geometry is its ``"features"`` step's.
+    image_paths : sequence of str or path-like
+        The test images, as files (their original sizes come from their
+        headers, as shown upright).
+    mask_paths : sequence of str, path-like or None
+        The mask file of each image (same size as the image), or None for a
+        good image.
+    maps : ndarray of shape (n_images, H, W), default=None
+        The model's maps of these images, if already computed
+        (``estimator.predict_map(image_paths)`` otherwise).
+    max_fpr : float, default=0.3
+        Integration limit of the AUPRO.
+
+    Returns
+    -------
+    dict
+        ``pixel_auroc``, ``aupro``; ``n_pixels`` and ``n_defective_pixels``
+        (over all images, at their original sizes); ``n_pixels_not_inspected``
+        and ``n_defective_pixels_not_inspected`` (cut away by a crop).
+
+    See Also
+    --------
+    pixel_auroc, aupro : the metrics on maps and masks you bring yourself.
+
+    Examples
+    --------
+    >>> from skpatchcore.datasets import load_mvtec_category
+    >>> from skpatchcore.metrics import pixel_metrics
+    >>> data = load_mvtec_category("mpdd/metal_plate")  # doctest: +SKIP
+    >>> pixel_metrics(model, data.test_paths, data.test_mask_paths)["aupro"]  # doctest: +SKIP
+    0.95
+    """
+    max_fpr = _check_max_fpr(max_fpr)
+    masks, heats, inspected = _on_original_images(estimator, image_paths, mask_paths, maps)
+    not_inspected = sum(int(np.count_nonzero(~seen)) for seen in inspected)
+    return {
+        "pixel_auroc": pixel_auroc(masks, heats, inspected=inspected),
+        "aupro": aupro(masks, heats, max_fpr, inspected=inspected),
+        "n_pixels": sum(mask.size for mask in masks),
+        "n_defective_pixels": sum(int(np.count_nonzero(mask)) for mask in masks),
+        "n_pixels_not_inspected": not_inspected,
+        "n_defective_pixels_not_inspected": sum(
+            int(np.count_nonzero(mask & ~seen)) for mask, seen in zip(masks, inspected)
+        ),
+    }
+
+
+def _on_original_images(estimator, image_paths, mask_paths, maps):
+    """Masks, heat maps and inspected regions of each image at its original size."""
+    geometry = _fitted_geometry(estimator)
+    image_paths, mask_paths = list(image_paths), list(mask_paths)
+    if len(mask_paths) != len(image_paths):
+        raise ValueError(
+            "'mask_paths' must hold one entry (a mask path or None) per image of 'image_paths'; got "
+            f"{len(mask_paths)} for {len(image_paths)} images."
+        )
+    if maps is None:
+        maps = estimator.predict_map(image_paths)
+    maps = np.asarray(maps)
+    if maps.ndim != 3 or len(maps) != len(image_paths):
+        raise ValueError(
+            f"The maps must be an (n_images, H, W) array with one map per image; got shape {maps.shape} "
+            f"for {len(image_paths)} images."
+        )
+    masks, heats, inspected = [], [], []
+    for image_path, mask_path, anomaly_map in zip(image_paths, mask_paths, maps):
+        size = _image_size(image_path, "image")
+        expected = geometry.output_size(*size)
+        if anomaly_map.shape != tuple(expected):
+            raise ValueError(
+                f"The map of {os.fspath(image_path)!r} has shape {anomaly_map.shape}, but the model's "
+                f"fitted geometry ({_describe_geometry(geometry)}) brings that {size[0]}x{size[1]} image "
+                f"to {expected[0]}x{expected[1]}; the maps must be at the model input size."
+            )
+        heat, seen = geometry.to_original(anomaly_map, size)
+        if mask_path is None:
+            mask = np.zeros(size, dtype=bool)
+        else:
+            mask = np.asarray(_read_mask(mask_path)) > 0
+            if mask.shape != tuple(size):
+                raise ValueError(
+                    f"The mask {os.fspath(mask_path)!r} is {mask.shape[0]}x{mask.shape[1]} but its image "
+                    f"{os.fspath(image_path)!r} is {size[0]}x{size[1]} (height x width)."
+                )
+        masks.append(mask)
+        heats.append(heat)
+        inspected.append(seen)
+    return masks, heats, inspected
+
+
+def _describe_geometry(geometry: Geometry) -> str:
+    return (
+        f"image_size={geometry.image_size!r}, crop_size={geometry.crop_size!r}, "
+        f"resize_side={geometry.resize_side!r}"
+    )
+
+
 class _PixelScorer:
     """Callable ``scorer(estimator, X, y)`` built by :func:`make_pixel_scorer`.
 
@@ -433,43 +618,31 @@ class _PixelScorer:
                 f"The pixel scorer's 'mask_paths' has no entry for {len(missing)} image(s) of X, "
                 f"e.g. {missing[0]!r}; map every image path to its mask path, or to None for a good image."
             )
-        image_size, crop_size, resize_side = _geometry_of(estimator)
-        masks = load_masks(
-            [self.mask_paths[path] for path in image_paths],
-            image_paths,
-            image_size=image_size,
-            crop_size=crop_size,
-            resize_side=resize_side,
-        )
-        maps = np.asarray(estimator.predict_map(X))
-        if maps.shape != masks.shape:
-            raise ValueError(
-                f"estimator.predict_map(X) returned maps of shape {maps.shape}, but the masks at the "
-                f"estimator's geometry (image_size={image_size!r}, crop_size={crop_size!r}) have shape "
-                f"{masks.shape}; the maps must be at the model input size."
-            )
+        mask_paths = [self.mask_paths[path] for path in image_paths]
+        masks, heats, inspected = _on_original_images(estimator, image_paths, mask_paths, None)
         if self.metric == "aupro":
-            return aupro(masks, maps, max_fpr=self.max_fpr)
-        return pixel_auroc(masks, maps)
+            return aupro(masks, heats, max_fpr=self.max_fpr, inspected=inspected)
+        return pixel_auroc(masks, heats, inspected=inspected)
 
 
-def _geometry_of(estimator):
-    """``(image_size, crop_size, resize_side)`` of an estimator or of its "features" step."""
+def _fitted_geometry(estimator) -> Geometry:
+    """The fitted ``geometry_`` of an estimator or of its "features" step."""
     source = estimator
     named_steps = getattr(estimator, "named_steps", None)
     if named_steps is not None:
         if "features" not in named_steps:
             raise ValueError(
-                "The pixel scorer needs the pipeline's feature step to be named 'features' (it reads "
-                f"its image_size and crop_size); the pipeline has steps {list(named_steps)}."
+                "The pixel metrics need the pipeline's feature step to be named 'features' (they read "
+                f"its fitted geometry_); the pipeline has steps {list(named_steps)}."
             )
         source = named_steps["features"]
-    if not (hasattr(source, "image_size") and hasattr(source, "crop_size")):
+    geometry = getattr(source, "geometry_", None)
+    if not isinstance(geometry, Geometry):
         raise ValueError(
-            f"The pixel scorer reads 'image_size' and 'crop_size' from the estimator; "
-            f"{type(source).__name__} has no such attributes."
+            "The pixel metrics read the fitted model's input geometry from its 'geometry_' attribute "
+            f"(a fitted PatchFeatureTransformer's); {type(source).__name__} has none: fit it first."
         )
-    return source.image_size, source.crop_size, getattr(source, "resize_side", LEGACY_RESIZE_SIDE)
+    return geometry
 
 
 def make_pixel_scorer(mask_paths: Mapping, metric: str = "pixel_auroc", *, max_fpr: float = 0.3):
@@ -477,14 +650,13 @@ def make_pixel_scorer(mask_paths: Mapping, metric: str = "pixel_auroc", *, max_f
 
     The scorer ``scorer(estimator, X, y)`` takes ``X`` as a list of image
     paths, calls ``estimator.predict_map(X)`` (anomaly maps of shape
-    ``(n_images, h, w)`` at the model input size) and compares them with the
-    masks of those images, loaded with the estimator's own geometry (see
-    :func:`skpatchcore.datasets.load_masks`). ``y`` is ignored.
-
-    The geometry (``image_size``, ``crop_size``, ``resize_side``) is read from
-    ``estimator.named_steps["features"]`` when the estimator is a pipeline,
-    otherwise from the estimator's own attributes, so that masks are always
-    resized and cropped exactly like the images the maps come from.
+    ``(n_images, h, w)`` at the model input size) and scores them over the
+    images' own pixels, as :func:`pixel_metrics` does: each map is taken back
+    to its image's original size by the inverse of the model's fitted
+    geometry (``geometry_`` of ``estimator.named_steps["features"]`` for a
+    pipeline, else of the estimator) and compared with the mask file as it
+    is. Letterbox padding is not counted; pixels cut away by a crop count as
+    never flagged. ``y`` is ignored.
 
     Parameters
     ----------

@@ -44,7 +44,9 @@ def portable_parts(n_images: int, size: int = 64, *, defect: bool = False, seed:
         noise = _hash(np.int64(seed + 1000), np.int64(i), yy, xx) % 25 - 12
         pixels = 88 + stripes + noise
         if defect:
-            cy, cx = (int(_hash(np.int64(seed + 2000), np.int64(i), np.int64(k)) % (size // 2)) for k in (0, 1))
+            cy, cx = (
+                int(_hash(np.int64(seed + 2000), np.int64(i), np.int64(k)) % (size // 2)) for k in (0, 1)
+            )
             cy, cx = cy + size // 4, cx + size // 4
             pixels[(yy - cy) ** 2 + (xx - cx) ** 2 <= (size // 10) ** 2] = 20
         images[i] = np.clip(pixels, 0, 255).astype(np.uint8)[:, :, None]

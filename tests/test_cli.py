@@ -18,10 +18,9 @@ from PIL import Image
 
 from skpatchcore import cli, make_patchcore
 from skpatchcore._demo import make_demo_dataset
-from skpatchcore._report import map_to_original
 from skpatchcore.cli import main
-from skpatchcore.datasets import load_masks, load_mvtec_category
-from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+from skpatchcore.datasets import load_mvtec_category
+from skpatchcore.metrics import image_auroc, pixel_metrics
 from skpatchcore.utils._images import Geometry
 
 from .conftest import MPDD, needs
@@ -228,12 +227,13 @@ def test_evaluate_reports_the_metrics_of_the_python_api(model_file, api_model, p
     assert main(["evaluate", str(model_file), str(plates), "--out", str(out), "-q"]) == 0
 
     data = load_mvtec_category(plates)
-    masks = load_masks(data.test_mask_paths, data.test_paths, image_size=128, crop_size=112)
-    maps, scores = api_model.predict_map(data.test_paths, return_scores=True)
+    scores = api_model.anomaly_score(data.test_paths)
+    pixels = pixel_metrics(api_model, data.test_paths, data.test_mask_paths)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["image_auroc"] == image_auroc(data.test_labels, scores)
-    assert metrics["pixel_auroc"] == pixel_auroc(masks, maps)
-    assert metrics["aupro"] == aupro(masks, maps)
+    assert metrics["pixel_auroc"] == pixels["pixel_auroc"]
+    assert metrics["aupro"] == pixels["aupro"]
+    assert metrics["n_defective_pixels"] == pixels["n_defective_pixels"] > 0
     assert metrics["threshold"] == api_model.named_steps["detector"].threshold_
     assert set(metrics["image_auroc_by_defect_type"]) == {"crack", "scratch", "spot"}
     assert (metrics["n_good"], metrics["n_defective"]) == (3, 6)
@@ -324,9 +324,11 @@ def _error_setup(name, tmp, model_file, plates):
         return ["predict", str(model_file), str(tmp / "table.csv")]
     if name == "folder whose images are in sub-folders":
         return ["predict", str(model_file), str(plates / "test")]
-    if name == "grayscale image for an RGB model":
-        Image.open(image).convert("L").save(tmp / "gray.png")
-        return ["predict", str(model_file), str(tmp / "gray.png")]
+    if name == "image with transparent pixels":
+        clear = Image.open(image).convert("RGBA")
+        clear.putalpha(128)
+        clear.save(tmp / "clear.png")
+        return ["predict", str(model_file), str(tmp / "clear.png")]
     if name == "evaluate on a missing folder":
         return ["evaluate", str(model_file), str(tmp / "nowhere")]
     if name == "demo on a missing folder":
@@ -350,7 +352,7 @@ ERROR_CASES = {
     "missing image": "no such image file or folder",
     "non-image file to predict": "not an image file",
     "folder whose images are in sub-folders": "add --recursive",
-    "grayscale image for an RGB model": "grayscale",
+    "image with transparent pixels": "transparent",
     "evaluate on a folder that is no MVTec category": "not an MVTec AD category folder",
     "evaluate on a missing folder": "The data folder",
     "demo on a missing folder": "The data folder",
@@ -421,7 +423,7 @@ def near_edges(mask: np.ndarray, reach: int) -> np.ndarray:
 def test_inverse_geometry_gives_back_the_mask_exactly_when_nothing_is_resized():
     geometry = Geometry(image_size=256, crop_size=224)
     mask = random_mask((256, 256))
-    heat, inspected = map_to_original(forward_mask(mask, geometry), (256, 256), geometry)
+    heat, inspected = geometry.to_original(forward_mask(mask, geometry), (256, 256))
     expected_inspected = np.zeros((256, 256), dtype=bool)
     expected_inspected[16:240, 16:240] = True
     assert np.array_equal(inspected, expected_inspected)
@@ -431,7 +433,7 @@ def test_inverse_geometry_gives_back_the_mask_exactly_when_nothing_is_resized():
 def test_inverse_geometry_undoes_resize_and_crop_of_a_non_square_image():
     geometry = Geometry(image_size=150, crop_size=128)
     mask = random_mask((300, 400), seed=1)
-    heat, inspected = map_to_original(forward_mask(mask, geometry), (300, 400), geometry)
+    heat, inspected = geometry.to_original(forward_mask(mask, geometry), (300, 400))
     assert heat.shape == inspected.shape == (300, 400)
     # Resized to 150 x 200; the crop starts at row 11, column 36, i.e. 22 and 72 here.
     rows, cols = np.nonzero(inspected)
@@ -445,7 +447,7 @@ def test_inverse_geometry_undoes_resize_and_crop_of_a_non_square_image():
 def test_inverse_geometry_drops_the_padding_of_a_crop_larger_than_the_image():
     geometry = Geometry(image_size=None, crop_size=(120, 90))
     anomaly_map = np.random.default_rng(2).random((120, 90)).astype(np.float32)
-    heat, inspected = map_to_original(anomaly_map, (100, 100), geometry)
+    heat, inspected = geometry.to_original(anomaly_map, (100, 100))
     # torchvision pads 10 rows above and below, and crops 5 columns on each side.
     assert np.array_equal(heat[:, 5:95], anomaly_map[10:110])
     assert inspected[:, 5:95].all() and not inspected[:, :5].any() and not inspected[:, 95:].any()
@@ -457,7 +459,7 @@ def test_inverse_geometry_of_a_letterbox_inspects_the_whole_image():
     forward = forward_mask(mask, geometry)
     # 250 -> 128 wide, 100 -> 51 high, padded by 38 rows above and 39 below.
     assert not forward[:38].any() and not forward[38 + 51 :].any()
-    heat, inspected = map_to_original(forward, (100, 250), geometry)
+    heat, inspected = geometry.to_original(forward, (100, 250))
     assert heat.shape == (100, 250) and inspected.all()
     # Downscaled to 51 rows and back up: edges blur by up to 3 pixels.
     wrong = (heat > 0.5) != mask
@@ -466,7 +468,7 @@ def test_inverse_geometry_of_a_letterbox_inspects_the_whole_image():
 
 def test_inverse_geometry_refuses_a_map_of_the_wrong_size():
     with pytest.raises(ValueError, match="reaches the model as 224x224"):
-        map_to_original(np.zeros((100, 100)), (256, 256), Geometry(256, 224))
+        Geometry(256, 224).to_original(np.zeros((100, 100)), (256, 256))
 
 
 # --------------------------------------------------------------------------
@@ -496,11 +498,10 @@ def test_fit_and_evaluate_on_mpdd_metal_plate_reproduce_the_python_api(tmp_path)
     data = load_mvtec_category(MPDD)
     api = make_patchcore(backbone="efficientnet_lite0", ratio=0.1, random_state=0).fit(data.train_paths)
     maps, scores = api.predict_map(data.test_paths, return_scores=True)
-    features = api.named_steps["features"]
-    masks = load_masks(data.test_mask_paths, data.test_paths, features.image_size, features.crop_size)
+    pixels = pixel_metrics(api, data.test_paths, data.test_mask_paths, maps=maps)
     # The tolerance only absorbs float rounding (CUDA distances may move an AUROC by one pair).
     tolerance = 1e-6 if not torch.cuda.is_available() else 2e-3
     assert metrics["image_auroc"] == pytest.approx(image_auroc(data.test_labels, scores), abs=tolerance)
-    assert metrics["pixel_auroc"] == pytest.approx(pixel_auroc(masks, maps), abs=tolerance)
-    assert metrics["aupro"] == pytest.approx(aupro(masks, maps), abs=tolerance)
+    assert metrics["pixel_auroc"] == pytest.approx(pixels["pixel_auroc"], abs=tolerance)
+    assert metrics["aupro"] == pytest.approx(pixels["aupro"], abs=tolerance)
     assert (metrics["n_good"], metrics["n_defective"]) == (26, 71)

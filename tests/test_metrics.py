@@ -12,7 +12,14 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GridSearchCV
 
 from skpatchcore.datasets import load_masks
-from skpatchcore.metrics import aupro, image_auroc, image_auroc_scorer, make_pixel_scorer, pixel_auroc
+from skpatchcore.metrics import (
+    aupro,
+    image_auroc,
+    image_auroc_scorer,
+    make_pixel_scorer,
+    pixel_auroc,
+    pixel_metrics,
+)
 from skpatchcore.utils._images import Geometry
 
 # --------------------------------------------------------------------------
@@ -21,18 +28,23 @@ from skpatchcore.utils._images import Geometry
 
 
 def brute_force_aupro(masks, maps, max_fpr):
-    """Sweep every distinct score as a threshold and integrate the PRO curve directly."""
+    """Sweep every distinct score as a threshold and integrate the PRO curve directly.
+
+    ``masks`` and ``maps``: (n, H, W) arrays or lists of 2-D arrays of any sizes.
+    """
+    masks = [np.asarray(mask).astype(bool) for mask in masks]
+    maps = [np.asarray(scores) for scores in maps]
     structure = np.ones((3, 3), dtype=bool)
     regions = []
     for index, mask in enumerate(masks):
         labels, count = ndimage.label(mask, structure=structure)
         regions += [(index, labels == label) for label in range(1, count + 1)]
-    defect_free = ~masks.astype(bool)
+    n_defect_free = sum(int((~mask).sum()) for mask in masks)
 
     curve = [(0.0, 0.0)]
-    for threshold in np.unique(maps)[::-1]:
-        flagged = maps >= threshold
-        fpr = np.sum(flagged & defect_free) / np.sum(defect_free)
+    for threshold in np.unique(np.concatenate([scores.ravel() for scores in maps]))[::-1]:
+        flagged = [scores >= threshold for scores in maps]
+        fpr = sum(int((f & ~mask).sum()) for f, mask in zip(flagged, masks)) / n_defect_free
         pro = np.mean([flagged[index][region].mean() for index, region in regions])
         curve.append((fpr, pro))
 
@@ -138,7 +150,7 @@ def test_pixel_auroc_accepts_only_binary_masks(masks, message):
 def test_pixel_auroc_rejects_shape_mismatch_and_single_class():
     masks = np.zeros((2, 4, 4), dtype=bool)
     masks[1, 0, 0] = True
-    with pytest.raises(ValueError, match=r"same shape.*\(2, 4, 5\).*\(2, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"same shape.*image 0.*\(4, 5\).*\(4, 4\)"):
         pixel_auroc(masks, np.zeros((2, 4, 5)))
     with pytest.raises(ValueError, match="both defective and defect-free"):
         pixel_auroc(np.zeros((2, 4, 4), dtype=bool), np.zeros((2, 4, 4)))
@@ -251,8 +263,9 @@ def test_image_auroc_scorer_negates_decision_function_into_anomaly_scores():
 class BrightnessDetector(BaseEstimator):
     """A fake pixel detector: the anomaly map is the image brightness plus noise.
 
-    Its maps are at the model input geometry (image_size, crop_size), as a real
-    detector's are; more ``noise`` makes them worse.
+    Like a fitted PatchFeatureTransformer it fixes its geometry in ``fit``
+    (``geometry_``) and its maps are at that model input size; more
+    ``noise`` makes them worse.
     """
 
     def __init__(self, noise=0.0, image_size=16, crop_size=12, resize_side="longer"):
@@ -261,12 +274,12 @@ class BrightnessDetector(BaseEstimator):
         self.crop_size = crop_size
         self.resize_side = resize_side
 
-    def fit(self, X, y=None):
+    def fit(self, X=None, y=None):
+        self.geometry_ = Geometry(self.image_size, self.crop_size, self.resize_side)
         return self
 
     def predict_map(self, X):
-        geometry = Geometry(self.image_size, self.crop_size, self.resize_side)
-        maps = np.stack([geometry.apply(Image.open(path).convert("L"))[:, :, 0] for path in X])
+        maps = np.stack([self.geometry_.apply(Image.open(path).convert("L"))[:, :, 0] for path in X])
         return maps + self.noise * np.random.default_rng(0).random(maps.shape)
 
 
@@ -299,25 +312,81 @@ def bright_defect_images(tmp_path):
     return mask_paths
 
 
-@pytest.mark.parametrize("metric, reference", [("pixel_auroc", pixel_auroc), ("aupro", aupro)])
-@pytest.mark.parametrize("wrap", [lambda d: d, FakePipeline], ids=["estimator", "pipeline"])
-def test_pixel_scorer_compares_predict_map_with_masks_at_the_estimator_geometry(
-    bright_defect_images, metric, reference, wrap
-):
+def on_original_images(detector, bright_defect_images):
+    """Masks from the files, maps taken back to the 20 x 24 originals, and what the model saw."""
     image_paths = list(bright_defect_images)
-    detector = BrightnessDetector(noise=0.3)
-    scorer = make_pixel_scorer(bright_defect_images, metric=metric)
-
-    score = scorer(wrap(detector), image_paths, None)
-
-    # The scorer must read resize_side too: the 20 x 24 images become 13 x 16, then the crop.
-    masks = load_masks(
-        list(bright_defect_images.values()), image_paths, image_size=16, crop_size=12, resize_side="longer"
+    masks = np.stack(
+        [
+            np.zeros((20, 24), bool) if mask is None else np.asarray(Image.open(mask)) > 0
+            for mask in bright_defect_images.values()
+        ]
     )
-    assert masks.shape == (6, 12, 12)
-    assert not masks[0::2].any() and masks[1::2].any()
-    assert score == pytest.approx(reference(masks, detector.predict_map(image_paths)), abs=1e-12)
+    pairs = [detector.geometry_.to_original(m, (20, 24)) for m in detector.predict_map(image_paths)]
+    return masks, np.stack([heat for heat, _ in pairs]), np.stack([seen for _, seen in pairs])
+
+
+def test_pixel_metrics_count_the_images_own_pixels_not_the_letterbox_padding(bright_defect_images):
+    # Longer side 24 -> 16: 20 x 24 images become 13 x 16, padded to 16 x 16 with black rows.
+    detector = BrightnessDetector(noise=0.3, image_size=16, crop_size=16).fit()
+    image_paths = list(bright_defect_images)
+    result = pixel_metrics(detector, image_paths, list(bright_defect_images.values()))
+    masks, heats, inspected = on_original_images(detector, bright_defect_images)
+    assert inspected.all() and result["n_pixels_not_inspected"] == 0
+    assert result["n_pixels"] == 6 * 20 * 24 and result["n_defective_pixels"] == masks.sum()
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), heats.ravel()), abs=1e-12)
+    assert result["aupro"] == pytest.approx(brute_force_aupro(masks, heats, 0.3), abs=1e-9)
+    # At the model input size the padding would count as (easy, dark) defect-free pixels.
+    padded = load_masks(list(bright_defect_images.values()), image_paths, image_size=16, crop_size=16)
+    assert pixel_auroc(padded, detector.predict_map(image_paths)) != result["pixel_auroc"]
+
+
+def test_pixels_cut_away_by_a_crop_count_as_never_flagged(bright_defect_images):
+    # 20 x 24 -> 13 x 16, centre crop 12 x 12: two columns each side and a row are cut away.
+    detector = BrightnessDetector(noise=0.3).fit()
+    result = pixel_metrics(detector, list(bright_defect_images), list(bright_defect_images.values()))
+    masks, heats, inspected = on_original_images(detector, bright_defect_images)
+    assert 0 < result["n_pixels_not_inspected"] == (~inspected).sum()
+    assert result["n_defective_pixels_not_inspected"] == (masks & ~inspected).sum()
+    lowest = np.where(inspected, heats, heats[inspected].min() - 1.0)
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), lowest.ravel()), abs=1e-12)
+    assert result["aupro"] == pytest.approx(brute_force_aupro(masks, lowest, 0.3), abs=1e-9)
+
+
+def test_pixel_metrics_use_the_fitted_geometry_not_parameters_changed_after_fit(bright_defect_images):
+    image_paths, mask_paths = list(bright_defect_images), list(bright_defect_images.values())
+    detector = BrightnessDetector(noise=0.3).fit()
+    before = pixel_metrics(detector, image_paths, mask_paths)
+    detector.set_params(image_size=20, crop_size=None)
+    assert pixel_metrics(detector, image_paths, mask_paths) == before
+    scorer = make_pixel_scorer(bright_defect_images, metric="aupro")
+    assert scorer(detector, image_paths, None) == before["aupro"]
+
+
+@pytest.mark.parametrize("metric", ["pixel_auroc", "aupro"])
+@pytest.mark.parametrize("wrap", [lambda d: d, FakePipeline], ids=["estimator", "pipeline"])
+def test_pixel_scorer_gives_pixel_metrics_over_the_original_images(bright_defect_images, metric, wrap):
+    image_paths = list(bright_defect_images)
+    detector = BrightnessDetector(noise=0.3).fit()
+    score = make_pixel_scorer(bright_defect_images, metric=metric)(wrap(detector), image_paths, None)
+    assert score == pixel_metrics(detector, image_paths, list(bright_defect_images.values()))[metric]
     assert 0.5 < score < 1.0
+
+
+def test_pixel_metrics_accept_lists_of_images_of_different_sizes():
+    rng = np.random.default_rng(11)
+    sizes = [(12, 30), (20, 20), (7, 9)]
+    masks = [random_masks(rng, 2, h, w, n_blobs=2)[1] for h, w in sizes]
+    maps = [rng.random(m.shape) + 0.5 * m for m in masks]
+    flat_masks = np.concatenate([m.ravel() for m in masks])
+    flat_maps = np.concatenate([m.ravel() for m in maps])
+    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(flat_masks, flat_maps), abs=1e-12)
+    assert aupro(masks, maps) == pytest.approx(brute_force_aupro(masks, maps, 0.3), abs=1e-9)
+    inspected = [np.ones(m.shape, bool) for m in masks]
+    inspected[0][:, :5] = False
+    lowest = min(a[i].min() for a, i in zip(maps, inspected)) - 1.0
+    honest = [np.where(i, a, lowest) for a, i in zip(maps, inspected)]
+    assert aupro(masks, maps, inspected=inspected) == pytest.approx(brute_force_aupro(masks, honest, 0.3))
+    assert pixel_auroc(masks, maps, inspected=inspected) == pixel_auroc(masks, honest)
 
 
 def test_pixel_scorer_picks_the_better_parameter_in_grid_search(bright_defect_images):
@@ -344,8 +413,10 @@ def test_pixel_scorer_reports_missing_masks_and_map_size_mismatch(bright_defect_
             return np.zeros((len(X), 10, 10))
 
     scorer = make_pixel_scorer(bright_defect_images)
-    with pytest.raises(ValueError, match=r"shape \(6, 10, 10\).*shape \(6, 12, 12\)"):
-        scorer(WrongSizeDetector(), image_paths, None)
+    with pytest.raises(ValueError, match=r"image_0.png.*shape \(10, 10\).*20x24 image to 12x12"):
+        scorer(WrongSizeDetector().fit(), image_paths, None)
+    with pytest.raises(ValueError, match="'geometry_' attribute.*fit it first"):
+        scorer(BrightnessDetector(), image_paths, None)
 
 
 def test_make_pixel_scorer_validates_its_parameters():
