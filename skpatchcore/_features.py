@@ -27,6 +27,7 @@ from .utils._images import (
     Geometry,
     ImageReadError,
     check_images,
+    fitted_box,
     to_unit_float,
 )
 from .utils._pickling import VersionedPickleMixin
@@ -64,18 +65,27 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         the aspect ratio (bilinear, as torchvision's ``Resize``); a pair
         resizes to exactly ``(height, width)``; None keeps the original size.
         The paper uses 256 for the shorter side.
-    crop_size : int or (int, int) or None, default=320
+    crop_size : int or (int, int) or "auto" or None, default=320
         Centre crop after resizing; None keeps the whole resized image. A crop
         larger than the resized image pads it with zeros (black), centred. The
-        paper crops 224.
-    resize_side : {"longer", "shorter"}, default="longer"
+        paper crops 224. ``"auto"``: the model input is a box shaped like the
+        training images, chosen in ``fit``: the median aspect ratio of the
+        training images, about ``image_size**2`` pixels (``image_size`` must
+        be an int), sides rounded to multiples of 16; every image is scaled
+        to fit inside it, aspect kept, and padded where its own shape differs
+        (``resize_side`` is then ignored). Square images get ``image_size`` x
+        ``image_size``; a 565 x 230 part at 320 gets 496 x 208 instead of
+        320 x 128 in a square letterbox, so its small defects keep their
+        pixels. ``geometry_`` holds the box chosen.
+    resize_side : {"longer", "shorter", "fit"}, default="longer"
         Which side an int ``image_size`` sets. ``"longer"`` fits the whole
         image into ``image_size`` x ``image_size``; with
-        ``crop_size=image_size`` (the defaults) that letterboxes it: the
-        aspect ratio is kept, the short side padded, and no part of the image
-        is cut away. ``"shorter"`` is torchvision's ``Resize`` (the paper's
-        geometry, with a smaller centre crop). Ignored when ``image_size`` is
-        a pair or None.
+        ``crop_size=image_size`` that letterboxes it: the aspect ratio is
+        kept, the short side padded, and no part of the image is cut away.
+        ``"shorter"`` is torchvision's ``Resize`` (the paper's geometry, with
+        a smaller centre crop). Ignored when ``image_size`` is a pair or
+        None. ``"fit"`` letterboxes into ``crop_size`` itself (an int or a
+        ``(height, width)`` box) and needs ``image_size=None``.
     bit_depth : int, default=16
         Significant bits of 16-bit images (16-bit grayscale PNG/TIFF files
         and uint16 arrays): their values are divided by ``2**bit_depth - 1``.
@@ -115,6 +125,11 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         The frozen feature extractor.
     layers_ : tuple of str
         The layers used.
+    geometry_ : Geometry
+        The resize and crop every image goes through, fixed in ``fit`` (with
+        ``crop_size="auto"``, the box chosen from the training images). Maps
+        are at its output size, and :func:`skpatchcore.metrics.pixel_metrics`
+        inverts it.
     n_channels_ : int
         3 when any image seen in ``fit`` is in colour, else 1. ``transform``
         brings every image to it (see Notes).
@@ -169,7 +184,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         "layers": ["array-like", None],
         "weights": [StrOptions({"imagenet"}), str, os.PathLike, None],
         "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
-        "crop_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "crop_size": [Interval(Integral, 1, None, closed="left"), tuple, list, StrOptions({"auto"}), None],
         "resize_side": [StrOptions(set(RESIZE_SIDES))],
         "bit_depth": [Interval(Integral, 1, 16, closed="both")],
         "patch_size": [Interval(Integral, 1, None, closed="left")],
@@ -246,7 +261,7 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         >>> transformer.layers_, transformer.n_channels_, transformer.n_features_out_
         (('blocks.2', 'blocks.4'), 1, 152)
         """
-        geometry = self._geometry()
+        self._geometry()  # parameter errors before any image is read
         if self.patch_size % 2 == 0:
             raise ValueError(f"The 'patch_size' parameter must be odd; got {self.patch_size}.")
         images = check_images(X, bit_depth=self.bit_depth)
@@ -254,11 +269,20 @@ class PatchFeatureTransformer(VersionedPickleMixin, TransformerMixin, BaseEstima
         self._set_backbone(build_backbone(self.backbone, self.layers, self.weights))
         self.backbone_fingerprint_ = self.backbone_.weights_fingerprint
         self.n_channels_ = images.n_channels
-        self.geometry_ = geometry
+        self.geometry_ = self._geometry(images.sizes)
         return self
 
-    def _geometry(self) -> Geometry:
-        return Geometry(self.image_size, self.crop_size, self.resize_side)
+    def _geometry(self, sizes=None) -> Geometry:
+        """The geometry of the parameters; with crop_size="auto", its box fitted to ``sizes``."""
+        if self.crop_size != "auto":
+            return Geometry(self.image_size, self.crop_size, self.resize_side)
+        if not isinstance(self.image_size, Integral) or isinstance(self.image_size, bool):
+            raise ValueError(
+                "crop_size='auto' fits a box of about image_size**2 pixels to the training images: "
+                f"image_size must then be an int; got {self.image_size!r}."
+            )
+        box = fitted_box(sizes, int(self.image_size)) if sizes else (self.image_size, self.image_size)
+        return Geometry(None, box, "fit")
 
     def _set_backbone(self, extractor) -> None:
         """Attach the extractor, derive the per-layer maps and move both to ``device_``."""

@@ -78,7 +78,10 @@ __all__ = ["ModelFileError", "load", "save"]
 
 FORMAT_NAME = "skpatchcore-model"
 # 2: PatchFeatureTransformer has resize_side (version 1 files load with "shorter").
-FORMAT_VERSION = 2
+# 3: PatchFeatureTransformer has bit_depth, its geometry_ may letterbox into a box
+#    (resize_side="fit", from crop_size="auto"), and backbone_fingerprint_ covers the
+#    weights as read (see _backbones.check_fingerprint). Versions 1 and 2 still load.
+FORMAT_VERSION = 3
 
 _MARKER = "skpatchcore-model"
 _MARKER_TEXT = b"skpatchcore model file: read it with skpatchcore.load()\n"

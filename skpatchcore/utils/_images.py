@@ -103,7 +103,7 @@ def _check_size(value, name: str, allow_none: bool) -> int | tuple[int, int] | N
     raise ValueError(f"The '{name}' parameter must be {accepted}; got {value!r}.")
 
 
-RESIZE_SIDES = ("shorter", "longer")
+RESIZE_SIDES = ("shorter", "longer", "fit")
 # What an image_size int meant before resize_side existed: models, files and
 # estimators that do not say otherwise resize the shorter side.
 LEGACY_RESIZE_SIDE = "shorter"
@@ -122,13 +122,16 @@ class Geometry:
     crop_size : int, (int, int) or None
         Size of the centre crop; None means no crop. A crop larger than the
         resized image pads it with zeros (black), centred.
-    resize_side : {"shorter", "longer"}
+    resize_side : {"shorter", "longer", "fit"}
         Which side an int ``image_size`` sets. ``"shorter"`` (torchvision's
         ``Resize``) fills the crop and may cut off the ends of a long part;
         ``"longer"`` fits the whole image inside ``image_size`` x
         ``image_size``, so with ``crop_size=image_size`` it is letterboxed:
         nothing is cut away and the short side is padded. Ignored when
-        ``image_size`` is a pair or None.
+        ``image_size`` is a pair or None. ``"fit"`` letterboxes into
+        ``crop_size`` itself, which may be a rectangle: the image is scaled,
+        aspect kept, to the largest size inside it, then padded to it
+        (``image_size`` is then ignored and must be None).
     """
 
     image_size: int | tuple[int, int] | None = 256
@@ -141,11 +144,23 @@ class Geometry:
         object.__setattr__(self, "crop_size", _check_size(self.crop_size, "crop_size", True))
         if self.resize_side not in RESIZE_SIDES:
             raise ValueError(
-                f"The 'resize_side' parameter must be 'shorter' or 'longer'; got {self.resize_side!r}."
+                f"The 'resize_side' parameter must be one of {list(RESIZE_SIDES)}; got {self.resize_side!r}."
+            )
+        if self.resize_side == "fit" and (self.crop_size is None or self.image_size is not None):
+            raise ValueError(
+                "resize_side='fit' letterboxes each image into crop_size: it needs a crop_size and "
+                f"image_size=None; got image_size={self.image_size!r}, crop_size={self.crop_size!r}."
             )
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """Size ``(h, w)`` after the resize step, for an input of ``(height, width)``."""
+        if self.resize_side == "fit":
+            box_h, box_w = _pair(self.crop_size)
+            # The largest size inside the box with the image's aspect ratio; the
+            # shorter side is truncated, as resize_side="longer" does in a square box.
+            if width * box_h >= height * box_w:
+                return max(1, int(box_w * height / width)), box_w
+            return box_h, max(1, int(box_h * width / height))
         size = self.image_size
         if size is None:
             return height, width
@@ -280,8 +295,7 @@ class Geometry:
         zeros (the smaller half on the top/left) and then takes the centre, so
         the offset is negative when the crop is larger than the resized image.
         """
-        crop = self.crop_size
-        crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
+        crop_h, crop_w = _pair(self.crop_size)
         offsets = []
         for length, crop_length in zip(resized, (crop_h, crop_w)):
             pad = max(crop_length - length, 0)
@@ -293,6 +307,30 @@ class Geometry:
 def _resize_float(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     image = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F")
     return np.asarray(image.resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32)
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else size
+
+
+def fitted_box(sizes, image_size: int, multiple: int = 16) -> tuple[int, int]:
+    """A letterbox of about ``image_size**2`` pixels shaped like the images of ``sizes``.
+
+    Its aspect ratio is the median of the images' (over their logarithms,
+    so that 1:2 and 2:1 weigh alike); each side is rounded to a multiple of
+    ``multiple`` pixels (at least one multiple), so that the feature grids of
+    stride-8 and stride-16 stages line up. Images of one shape get a box of
+    their shape (320 x 320 for squares at ``image_size=320``); images whose
+    shapes vary get the typical shape, and the others are padded into it.
+    """
+    if not sizes:
+        raise ValueError("fitted_box needs the size of at least one image.")
+    log_aspect = float(np.median([np.log(width / height) for height, width in sizes]))
+    scale = float(np.exp(log_aspect / 2.0))
+    return tuple(
+        max(multiple, int(round(side / multiple)) * multiple)
+        for side in (image_size / scale, image_size * scale)
+    )
 
 
 def to_unit_float(pixels):
