@@ -1,16 +1,36 @@
-"""Option sweeps for the tuning page: one table per option, every data set and ratio.
+"""The study of defaults: option sweeps on every shared category at once, and the rule that picks.
 
-Features are computed once per (data set, feature settings) and cached on disk,
+Features are computed once per (category, feature settings) and cached on disk,
 so sweeping coreset and detector options costs only the coreset, the search
-and the metrics. Each table row is one configuration; the first column of
-settings is the option under study. Defaults are chosen from these tables
-(DESIGN: one set of defaults for all data, no per-data-set tuning).
+and the metrics. Every variant is scored on every row of the bar: the four
+shared categories at a 1 % coreset and MPDD ``metal_plate`` also at 10 %, seed
+0, EfficientNet-Lite0, pixel metrics over each image's own pixels
+(``skpatchcore.metrics.pixel_metrics``).
 
-    python benchmarks/tune.py --study aggregation            # one study
-    python benchmarks/tune.py --study all --out benchmarks/results
+    python benchmarks/tune.py --study geometry             # one study
+    python benchmarks/tune.py --study all                  # every study
+    python benchmarks/tune.py --select                     # apply the rule to every study's results
 
-Studies are defined in STUDIES below; each maps a name to a list of
-(feature, coreset, detector settings) variants.
+The rule (stated in ``docs/user_guide/tuning.rst`` before any number of the
+study was looked at, and applied by ``--select`` over every variant of every
+study):
+
+1. *Admissible*: on every row, every metric >= the best anchor of that row
+   minus 0.005 (``benchmarks/run_benchmarks.ANCHORS``, the other
+   implementations on the same files); the mean image AUROC over the four
+   categories at 1 % >= the mean of their best anchors + 0.03; and on no
+   category slower than the reference code at its own settings (checked on
+   the winner by ``run_benchmarks.py --with-reference``, where both run side
+   by side; the times here are per study and only rank the candidates).
+2. Among admissible variants: the best mean rank over all (row, metric)
+   cells; ties go to the faster predict.
+3. If none is admissible: the variant whose worst cell lies least below its
+   bar (largest minimum margin), with every miss reported.
+
+Studies are defined in STUDIES below: each maps a name to a list of
+(feature, coreset, detector settings) variants. A study is one factor varied
+around a base; the bases follow the winners of the earlier studies, which is a
+greedy search, not a full grid (say so when reading the tables).
 """
 
 from __future__ import annotations
@@ -18,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,163 +46,262 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from skpatchcore import GreedyCoresetSampler, PatchCoreDetector, PatchFeatureTransformer
-from skpatchcore.datasets import load_mvtec_category
-from skpatchcore.metrics import image_auroc, pixel_metrics
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-CATEGORIES = {"mpdd/metal_plate": "mpdd/metal_plate", "magnetic_tile": "magnetic_tile/magnetic_tile"}
+from benchmarks._common import DEFAULT_DATA_ROOT  # noqa: E402
+from benchmarks.run_benchmarks import ANCHOR_MARGIN, ANCHORS, METRICS  # noqa: E402
+from skpatchcore import GreedyCoresetSampler, PatchCoreDetector, PatchFeatureTransformer  # noqa: E402
+from skpatchcore.datasets import load_mvtec_category  # noqa: E402
+from skpatchcore.metrics import image_auroc, pixel_metrics  # noqa: E402
 
-# Every variant is (feature settings, coreset settings, detector settings). The
-# aggregation study uses the reference code's geometry (256 / 224) and coreset
-# projection (128) so that its rows sit next to the reference-code and anomalib
-# anchors; the other studies vary one option of the package defaults.
+CATEGORIES = (
+    "mpdd/metal_plate",
+    "magnetic_tile/magnetic_tile",
+    "kolektorsdd/kolektorsdd",
+    "bsdata/ball_screw_drive",
+)
+# The rows of the bar: every category at 1 %, MPDD also at 10 %.
+ROWS = tuple((category, 0.01) for category in CATEGORIES) + (("mpdd/metal_plate", 0.1),)
+# Issue 20's bar on the mean image AUROC over the categories at 1 %.
+MEAN_IMAGE_AUROC_GAIN = 0.03
+
 BACKBONE = {"backbone": "efficientnet_lite0"}
 PAPER = {"image_size": 256, "crop_size": 224, "resize_side": "shorter"}
-DEFAULTS = {"aggregation": "mean", "image_size": 320, "crop_size": 320, "resize_side": "longer"}
-# The package defaults until they were chosen again from the geometry table (a 288 px centre crop).
-CROP_288 = {"aggregation": "mean", "image_size": 320, "crop_size": 288, "resize_side": "shorter"}
+# The defaults before this study: mean aggregation, a 320 px square letterbox.
+LETTERBOX_320 = {"aggregation": "mean", "image_size": 320, "crop_size": 320, "resize_side": "longer"}
+
+
+def auto(size: int, **extra) -> dict:
+    """A letterbox of about size x size pixels shaped like the training images."""
+    return {"aggregation": "mean", "image_size": size, "crop_size": "auto", **extra}
+
 
 STUDIES = {
-    "aggregation": [
-        ({**PAPER, "aggregation": "reference"}, {"projection_dim": 128}, {}),
-        (
-            {**PAPER, "aggregation": "reference", "pretrain_dim": 384, "target_dim": 384},
-            {"projection_dim": 128},
-            {},
-        ),
-        ({**PAPER, "aggregation": "mean"}, {"projection_dim": 128}, {}),
-    ],
-    "projection": [
-        (DEFAULTS, {"projection_dim": 128}, {}),
-        (DEFAULTS, {}, {}),
-    ],
+    # 1. Where the pixels go: the square letterbox, boxes shaped like the training
+    # images at three sizes, the shorter side at 320 (probe of issue 20), the paper's crop.
     "geometry": [
+        (LETTERBOX_320, {}, {}),
+        (auto(320), {}, {}),
+        (auto(384), {}, {}),
+        (auto(448), {}, {}),
+        ({"aggregation": "mean", "image_size": 320, "crop_size": None, "resize_side": "shorter"}, {}, {}),
         ({"aggregation": "mean", **PAPER}, {}, {}),
-        (CROP_288, {}, {}),
-        ({"aggregation": "mean", "image_size": (256, 256), "crop_size": None}, {}, {}),
-        ({"aggregation": "mean", "image_size": (320, 320), "crop_size": None}, {}, {}),
-        (DEFAULTS, {}, {}),
-    ],
-    "layers": [
-        (DEFAULTS, {}, {}),
-        ({**DEFAULTS, "layers": ["blocks.2", "blocks.3", "blocks.4"]}, {}, {}),
-        ({**DEFAULTS, "layers": ["blocks.2.1.bn1", "blocks.4.2.bn1"]}, {}, {}),
-    ],
-    "scoring": [
-        (DEFAULTS, {}, {}),
-        (DEFAULTS, {}, {"reweight_neighbors": 9}),
-        (DEFAULTS, {}, {"n_neighbors": 3}),
-        (DEFAULTS, {}, {"distance": "squared"}),
-        (DEFAULTS, {}, {"upsampling": "nearest"}),
-        (DEFAULTS, {}, {"sigma": 2.0}),
-        (DEFAULTS, {}, {"sigma": 6.0}),
     ],
 }
 
 
-def _cached_features(category: str, settings: dict, cache: Path):
-    key = hashlib.sha1(json.dumps([category, settings], sort_keys=True, default=str).encode()).hexdigest()[
-        :12
-    ]
-    stem = cache / f"{category.replace('/', '_')}-{key}"
-    data = load_mvtec_category(DATA_ROOT / CATEGORIES[category])
+def _cached_features(category: str, settings: dict, cache: Path, data_root: Path):
+    """Train and test features of one category at ``settings``, computed once; and the fitted geometry."""
+    key = hashlib.sha1(json.dumps([category, settings], sort_keys=True, default=str).encode()).hexdigest()
+    stem = cache / f"{category.replace('/', '_')}-{key[:12]}"
+    data = load_mvtec_category(data_root / category)
+    transformer = PatchFeatureTransformer(device="cpu", **settings).fit(data.train_paths)
     if not stem.with_suffix(".json").exists():
-        transformer = PatchFeatureTransformer(device="cpu", **settings).fit(data.train_paths[:1])
+        start = time.perf_counter()
         np.save(stem.with_suffix(".train.npy"), transformer.transform(data.train_paths))
+        features_s = time.perf_counter() - start
+        start = time.perf_counter()
         test, size = transformer._transform(data.test_paths)
+        test_features_s = time.perf_counter() - start
         np.save(stem.with_suffix(".test.npy"), test)
-        stem.with_suffix(".json").write_text(json.dumps({"size": size}))
-    size = tuple(json.loads(stem.with_suffix(".json").read_text())["size"])
-    # The settings' geometry, defaults filled in, as a fitted transformer would hold it.
-    model = SimpleNamespace(geometry_=PatchFeatureTransformer(**settings)._geometry())
+        info = {
+            "size": size,
+            "features_s": features_s,
+            "test_features_ms": 1000 * test_features_s / len(test),
+        }
+        stem.with_suffix(".json").write_text(json.dumps(info))
+    info = json.loads(stem.with_suffix(".json").read_text())
     train = np.load(stem.with_suffix(".train.npy"))
     test = np.load(stem.with_suffix(".test.npy"), mmap_mode="r")
-    return train, test, size, data, model
+    return train, test, info, data, SimpleNamespace(geometry_=transformer.geometry_)
 
 
-def evaluate(category, features, coreset, detector, ratio, seed, cache) -> dict:
+def evaluate(category, features, coreset, detector, ratio, seed, cache, data_root) -> dict:
     settings = {**BACKBONE, **features}
-    train, test, size, data, geometry = _cached_features(category, settings, cache)
+    train, test, info, data, model = _cached_features(category, settings, cache, data_root)
     start = time.perf_counter()
     kept = GreedyCoresetSampler(ratio, random_state=seed, device="cpu", **coreset).fit_transform(train)
-    model = PatchCoreDetector(device="cpu", **detector).fit(kept)
-    maps, scores = model.predict_map(test, output_size=size, return_scores=True)
-    pixels = pixel_metrics(geometry, data.test_paths, data.test_mask_paths, maps=maps)
+    coreset_s = time.perf_counter() - start
+    start = time.perf_counter()
+    fitted = PatchCoreDetector(device="cpu", **detector).fit(kept)
+    index_s = time.perf_counter() - start
+    start = time.perf_counter()
+    maps, scores = fitted.predict_map(test, output_size=tuple(info["size"]), return_scores=True)
+    search_ms = 1000 * (time.perf_counter() - start) / len(test)
+    pixels = pixel_metrics(model, data.test_paths, data.test_mask_paths, maps=maps)
     return {
         "category": category,
         "ratio": ratio,
         "features": features,
         "coreset": coreset,
         "detector": detector,
+        "geometry": [model.geometry_.image_size, model.geometry_.crop_size, model.geometry_.resize_side],
         "image_auroc": image_auroc(data.test_labels, scores),
-        # Over the images' own pixels (maps back at each original size).
-        **{key: value for key, value in pixels.items() if key in ("pixel_auroc", "aupro")},
+        "pixel_auroc": pixels["pixel_auroc"],
+        "aupro": pixels["aupro"],
+        "n_defective_pixels_not_inspected": pixels["n_defective_pixels_not_inspected"],
+        "n_defective_pixels": pixels["n_defective_pixels"],
         "dims": int(train.shape[-1]),
         "grid": list(train.shape[1:3]),
-        "seconds": round(time.perf_counter() - start, 1),
+        "bank": len(fitted.memory_bank_),
+        "fit_s": round(info["features_s"] + coreset_s + index_s, 2),
+        "predict_ms": round(info["test_features_ms"] + search_ms, 1),
     }
 
 
 def _label(settings: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
+    return ", ".join(f"{key}={value}" for key, value in settings.items()) or "defaults"
+
+
+def variant_label(row: dict) -> str:
+    parts = [_label(row["features"])]
+    if row["coreset"] or row["detector"]:
+        parts.append(_label({**row["coreset"], **row["detector"]}))
+    return "; ".join(parts)
+
+
+def _bar(category: str, ratio: float) -> tuple[float, float, float]:
+    anchors = ANCHORS[(category, ratio)]
+    return tuple(max(values[i] for values in anchors.values()) - ANCHOR_MARGIN for i in range(3))
 
 
 def markdown(study: str, rows: list[dict]) -> str:
     lines = [
         f"### {study}",
         "",
-        "| data | coreset | feature settings | coreset / detector settings | grid x dims "
-        "| image AUROC | pixel AUROC | AUPRO |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data | coreset | settings | model input | grid x dims | image AUROC | pixel AUROC | AUPRO "
+        "| bar (best anchor - 0.005) | fit s | predict ms/img |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        bar = _bar(r["category"], r["ratio"])
+        cells = [
+            f"{value:.3f}" if value >= target - 1e-12 else f"**{value:.3f}**"
+            for value, target in zip((r[m] for m in METRICS), bar)
+        ]
+        box = r["geometry"][1] if r["geometry"][2] == "fit" else r["geometry"]
         lines.append(
-            f"| {r['category']} | {r['ratio']:.0%} | {_label(r['features'])} | "
-            f"{_label({**r['coreset'], **r['detector']})} | "
-            f"{r['grid'][0]}x{r['grid'][1]} x {r['dims']} | {r['image_auroc']:.3f} | "
-            f"{r['pixel_auroc']:.3f} | {r['aupro']:.3f} |"
+            f"| {r['category']} | {r['ratio']:.0%} | {variant_label(r)} | {box} | "
+            f"{r['grid'][0]}x{r['grid'][1]} x {r['dims']} | {' | '.join(cells)} | "
+            f"{' / '.join(f'{v:.3f}' for v in bar)} | {r['fit_s']:.1f} | {r['predict_ms']:.1f} |"
         )
+    lines += ["", "Bold: below the bar of its row."]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# The rule
+# --------------------------------------------------------------------------
+
+
+def select(rows: list[dict]) -> tuple[list[dict], str]:
+    """Apply the rule to every variant that has all rows; return the ranking and its table."""
+    by_variant: dict[str, dict] = {}
+    for r in rows:
+        by_variant.setdefault(variant_label(r), {})[(r["category"], r["ratio"])] = r
+    complete = {label: cells for label, cells in by_variant.items() if all(row in cells for row in ROWS)}
+    labels = sorted(complete)
+    # Mean rank over every (row, metric) cell: rank 1 = best, ties share the mean rank.
+    ranks = {label: [] for label in labels}
+    for row in ROWS:
+        for metric in METRICS:
+            values = np.array([complete[label][row][metric] for label in labels])
+            order = (-values).argsort(kind="stable")
+            rank = np.empty(len(values))
+            rank[order] = np.arange(1, len(values) + 1)
+            for value in np.unique(values):
+                rank[values == value] = rank[values == value].mean()
+            for label, r in zip(labels, rank):
+                ranks[label].append(float(r))
+    mean_anchor = float(np.mean([_bar(c, 0.01)[0] + ANCHOR_MARGIN for c in CATEGORIES]))
+    ranking = []
+    for label in labels:
+        cells = complete[label]
+        margins = [cells[row][metric] - bar for row in ROWS for metric, bar in zip(METRICS, _bar(*row))]
+        mean_image = float(np.mean([cells[(c, 0.01)]["image_auroc"] for c in CATEGORIES]))
+        misses = [
+            f"{row[0].split('/')[0]} {row[1]:.0%} {metric} {cells[row][metric]:.3f} < {bar:.3f}"
+            for row in ROWS
+            for metric, bar in zip(METRICS, _bar(*row))
+            if cells[row][metric] < bar - 1e-12
+        ]
+        if mean_image < mean_anchor + MEAN_IMAGE_AUROC_GAIN - 1e-12:
+            misses.append(f"mean image AUROC {mean_image:.3f} < {mean_anchor + MEAN_IMAGE_AUROC_GAIN:.3f}")
+        ranking.append(
+            {
+                "variant": label,
+                "admissible": not misses,
+                "mean_rank": float(np.mean(ranks[label])),
+                "min_margin": float(min(margins)),
+                "mean_image_auroc": mean_image,
+                "predict_ms": float(sum(cells[row]["predict_ms"] for row in ROWS)),
+                "misses": misses,
+            }
+        )
+    ranking.sort(key=lambda v: (not v["admissible"], v["mean_rank"], v["predict_ms"]))
+    if not any(v["admissible"] for v in ranking):
+        ranking.sort(key=lambda v: -v["min_margin"])
+    lines = [
+        "### Selection",
+        "",
+        f"Rows: {', '.join(f'{c} {r:.0%}' for c, r in ROWS)}. Mean of the best anchors' image AUROC at 1 %: "
+        f"{mean_anchor:.3f}; bar for the mean: {mean_anchor + MEAN_IMAGE_AUROC_GAIN:.3f}.",
+        "",
+        "| # | variant | admissible | mean rank | worst margin | mean image AUROC (1 %) "
+        "| predict ms/img (sum of rows) | misses |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for number, v in enumerate(ranking, 1):
+        lines.append(
+            f"| {number} | {v['variant']} | {'yes' if v['admissible'] else 'no'} | {v['mean_rank']:.2f} | "
+            f"{v['min_margin']:+.3f} | {v['mean_image_auroc']:.3f} | {v['predict_ms']:.0f} | "
+            f"{'; '.join(v['misses']) or '-'} |"
+        )
+    return ranking, "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--study", nargs="+", default=["all"], help=f"one of {list(STUDIES)} or all")
-    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.01, 0.1])
-    parser.add_argument(
-        "--ratios-magnetic",
-        nargs="+",
-        type=float,
-        default=[0.01],
-        help="ratios for magnetic_tile (its 10%% coreset takes long on a CPU; the anchors are at 1%%)",
-    )
+    parser.add_argument("--study", nargs="+", default=[], help=f"one or more of {list(STUDIES)}, or all")
+    parser.add_argument("--select", action="store_true", help="apply the rule to every tuning-*.json")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=None, help="feature cache folder (default: a temp folder)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     studies = list(STUDIES) if "all" in args.study else args.study
+    unknown = sorted(set(studies) - set(STUDIES))
+    if unknown:
+        parser.error(f"unknown studies {unknown}; known: {list(STUDIES)}")
     cache = Path(args.cache or tempfile.mkdtemp(prefix="skpatchcore-tune-"))
     cache.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for study in studies:
         rows = []
-        for category in args.categories:
-            if not (DATA_ROOT / CATEGORIES[category]).is_dir():
-                print(f"skipping {category}: not found under {DATA_ROOT}")
+        for category, ratio in ROWS:
+            if not (args.data_root / category).is_dir():
+                print(f"skipping {category}: not found under {args.data_root}")
                 continue
-            ratios = args.ratios if category != "magnetic_tile" else args.ratios_magnetic
             for features, coreset, detector in STUDIES[study]:
-                for ratio in ratios:
-                    rows.append(evaluate(category, features, coreset, detector, ratio, args.seed, cache))
-                    print(json.dumps(rows[-1], default=str), flush=True)
-        (out / f"tuning-{study}.json").write_text(json.dumps(rows, indent=2, default=str))
+                rows.append(
+                    evaluate(category, features, coreset, detector, ratio, args.seed, cache, args.data_root)
+                )
+                print(json.dumps(rows[-1], default=str), flush=True)
+                (out / f"tuning-{study}.json").write_text(json.dumps(rows, indent=2, default=str))
         (out / f"tuning-{study}.md").write_text(markdown(study, rows))
         print(markdown(study, rows))
+    if args.select:
+        rows = []
+        for path in sorted(out.glob("tuning-*.json")):
+            rows += [r for r in json.loads(path.read_text()) if isinstance(r, dict) and "grid" in r]
+        ranking, table = select(rows)
+        (out / "tuning-selection.json").write_text(json.dumps(ranking, indent=2))
+        (out / "tuning-selection.md").write_text(table)
+        print(table)
     return 0
 
 
