@@ -70,7 +70,10 @@ QUICK_TEST = 8
 # measured on this project's machines with EfficientNet-Lite0 (blocks.2 + blocks.4),
 # shorter side 256, centre crop 224, mean = std = 0.5, seed 0. "reference code" is
 # amazon-science/patchcore-inspection at pretrain/target dims 1024 or 384.
-ANCHOR_SOURCE = "issue 7 table (EfficientNet-Lite0, resize 256, crop 224, seed 0)"
+ANCHOR_SOURCE = (
+    "../shared/datasets/ANCHORS.md (EfficientNet-Lite0, shorter side 256, centre crop 224, seed 0; "
+    "their pixel metrics over the 224 x 224 crop, ours over every pixel of each image)"
+)
 ANCHOR_GEOMETRY = {
     "backbone": BACKBONE,
     "layers": None,
@@ -102,6 +105,8 @@ ANCHORS: dict[tuple[str, float], dict[str, tuple[float, float, float]]] = {
         "reference code, dims 1024": (0.777, 0.992, 0.794),
     },
 }
+# How the runs of benchmarks/plain.plain_pipeline (--with-reference) are labelled.
+REFERENCE_LABEL = "reference code's steps (plain.py, 256 / 224, dims 1024)"
 # Issue 7's bar: each metric >= the best anchor minus this margin.
 ANCHOR_MARGIN = 0.005
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -240,6 +245,7 @@ def run_config(spec: dict) -> dict:
 
     apply_threads(spec.get("threads"))
     result = {key: spec[key] for key in ("category", "ratio", "settings", "quick")}
+    result["plain"] = bool(spec.get("plain"))
     # What the interpreter, torch, faiss and the package cost before any work (torch alone is 0.5-0.7 GB).
     result["rss_after_imports_mb"] = current_rss_mb()
     data = load_mvtec_category(Path(spec["data_root"]) / spec["category"])
@@ -422,7 +428,7 @@ def results_table(results: list[dict]) -> str:
     ]
     rows = []
     for r in results:
-        label = settings_label(r["settings"])
+        label = REFERENCE_LABEL if r.get("plain") else settings_label(r["settings"])
         if "error" in r:
             rows.append([r["category"], f"{100 * r['ratio']:g}%", label, None, None, "failed: " + r["error"]])
             rows[-1] += [None] * (len(headers) - len(rows[-1]))
@@ -449,9 +455,9 @@ def results_table(results: list[dict]) -> str:
 
 
 def anchors_apply(result: dict) -> bool:
-    """True when backbone and input geometry are those the anchors were measured with."""
-    params = result.get("params", {}).get("features", {})
-    return "error" not in result and all(params.get(key) == value for key, value in ANCHOR_GEOMETRY.items())
+    """True for a run of our pipeline (not the plain reference steps) on a row with anchors."""
+    key = (result["category"], round(float(result["ratio"]), 6))
+    return "error" not in result and not result.get("plain") and key in ANCHORS
 
 
 def faithful_anchor(result: dict) -> str | None:
@@ -469,7 +475,7 @@ def faithful_anchor(result: dict) -> str | None:
 def anchor_comparison(results: list[dict]) -> tuple[str, list[dict]]:
     """Markdown table of ours next to the anchors, and the per-row verdicts for the JSON."""
     names = ["reference code, dims 1024", "reference code, dims 384", "anomalib 2.7"]
-    headers = ["category", "coreset", "settings", "ours"] + names
+    headers = ["category", "coreset", "settings", "ours (own pixels)"] + names
     headers += [f"target (best - {ANCHOR_MARGIN})", "ours >= target", "same aggregation as"]
     rows, verdicts = [], []
 
@@ -491,7 +497,7 @@ def anchor_comparison(results: list[dict]) -> tuple[str, list[dict]]:
                 f"{100 * r['ratio']:g}%",
                 settings_label(r["settings"]),
                 triple(ours),
-                *(triple(anchors[name]) for name in names),
+                *(triple(anchors[name]) if name in anchors else "-" for name in names),
                 triple(target),
                 " / ".join("yes" if m else "NO" for m in met),
                 faithful,
@@ -514,6 +520,40 @@ def anchor_comparison(results: list[dict]) -> tuple[str, list[dict]]:
     return markdown_table(headers, rows), verdicts
 
 
+def speed_comparison(results: list[dict]) -> str:
+    """Ours next to the reference code's steps run in the same session: fit, predict, peak RSS."""
+    plain = {(r["category"], r["ratio"]): r for r in results if r.get("plain") and "error" not in r}
+    headers = [
+        "category",
+        "coreset",
+        "settings",
+        "fit s: ours / reference",
+        "predict ms/img: ours / reference",
+        "peak RSS MB: ours / reference",
+        "not slower (fit, predict)",
+    ]
+    rows = []
+    for r in results:
+        reference = plain.get((r["category"], r["ratio"]))
+        if r.get("plain") or "error" in r or reference is None:
+            continue
+        ours_t, ref_t = r["times"], reference["times"]
+        fit = (ours_t["fit_s"], ref_t["fit_s"])
+        predict = (ours_t["predict_ms_per_image"], ref_t["predict_ms_per_image"])
+        rows.append(
+            [
+                r["category"],
+                f"{100 * r['ratio']:g}%",
+                settings_label(r["settings"]),
+                f"{fit[0]:.1f} / {fit[1]:.1f}",
+                f"{predict[0]:.1f} / {predict[1]:.1f}",
+                f"{r['peak_rss_mb']:.0f} / {reference['peak_rss_mb']:.0f}",
+                " / ".join("yes" if a <= b else "NO" for a, b in (fit, predict)),
+            ]
+        )
+    return markdown_table(headers, rows) if rows else ""
+
+
 def render_markdown(payload: dict) -> str:
     lines = [f"## PatchCore benchmark: {payload['name']}", ""]
     if payload["quick"]:
@@ -533,6 +573,18 @@ def render_markdown(payload: dict) -> str:
         "",
         results_table(payload["results"]),
     ]
+    speed_md = speed_comparison(payload["results"])
+    if speed_md:
+        lines += [
+            "",
+            "### Speed next to the reference code, same session",
+            "",
+            "The reference code's steps (`benchmarks/plain.py`: PIL and torchvision transforms, timm's "
+            "backbone, the literal unfold and pooling, the torch greedy loop, faiss `IndexFlatL2`, scipy's "
+            "Gaussian; batch 8) at its own settings, each in its own process right after ours.",
+            "",
+            speed_md,
+        ]
     anchor_md = payload.get("anchor_markdown")
     if anchor_md:
         lines += [
@@ -594,6 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per configuration")
     parser.add_argument(
+        "--with-reference",
+        action="store_true",
+        help="also run the reference code's steps (benchmarks/plain.py, at its own settings) on every "
+        "category and ratio, each in its own process, and compare speed and memory",
+    )
+    parser.add_argument(
         "--verify-fit",
         action="store_true",
         help="also fit with Pipeline.fit and check it gives the same bank and threshold",
@@ -642,15 +700,18 @@ def main(argv: list[str] | None = None) -> int:
     configs = [
         (variant, category, ratio) for variant in variants for category in categories for ratio in args.ratios
     ]
+    if args.with_reference:
+        configs += [(None, category, ratio) for category in categories for ratio in args.ratios]
     failed = 0
     for number, (variant, category, ratio) in enumerate(configs, 1):
-        label = f"[{number}/{len(configs)}] {category} ratio={ratio:g} {settings_label(variant)}"
-        print(label, flush=True)
+        shown = REFERENCE_LABEL if variant is None else settings_label(variant)
+        print(f"[{number}/{len(configs)}] {category} ratio={ratio:g} {shown}", flush=True)
         spec = {
             "data_root": os.fspath(args.data_root),
             "category": category,
             "ratio": ratio,
-            "settings": variant,
+            "plain": variant is None,
+            "settings": REFERENCE_SETTINGS if variant is None else variant,
             "seed": args.seed,
             "device": args.device,
             "threads": args.threads,
