@@ -114,6 +114,14 @@ def test_16_bit_grayscale_files_keep_their_16_bits(tmp_path, suffix):
     np.testing.assert_array_equal(model.transform(values[None]), model.transform(expected))  # uint16 array
 
 
+def test_uint16_rgb_arrays_are_scaled_like_gray_ones():
+    values = np.stack([sixteen_bit(s, 65535) for s in (21, 22, 23)], axis=-1)  # (48, 64, 3)
+    model = PatchFeatureTransformer(**SMALL).fit(values[None])
+    assert model.n_channels_ == 3
+    expected = values.astype(np.float32) / np.float32(65535)
+    np.testing.assert_array_equal(model.transform(values[None]), model.transform(expected[None]))
+
+
 def test_12_bit_camera_data_needs_its_bit_depth_and_then_reads_in_full_range(tmp_path):
     values = sixteen_bit(10, 4095)
     Image.fromarray(values).save(tmp_path / "camera.png")

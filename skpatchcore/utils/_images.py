@@ -461,7 +461,7 @@ def decode(image: Image.Image, index: int = 0, source=None) -> Image.Image:
 
 
 def _drop_opaque_alpha(image: Image.Image, where: str) -> Image.Image:
-    low, high = image.getchannel(image.mode[-1]).getextrema()
+    low, _ = image.getchannel(image.mode[-1]).getextrema()
     if low != 255:
         raise ImageReadError(
             f"{where}: has transparent pixels (alpha down to {low} of 255); skpatchcore reads opaque "
@@ -475,7 +475,7 @@ def _drop_opaque_alpha(image: Image.Image, where: str) -> Image.Image:
 
 
 def high_bit_pixels(image: Image.Image | np.ndarray, bit_depth: int, where: str) -> np.ndarray:
-    """16-bit grayscale pixels as float32 ``(H, W, 1)`` in [0, 1]: ``value / (2**bit_depth - 1)``.
+    """16-bit pixels as float32 ``(H, W, C)`` in [0, 1]: ``value / (2**bit_depth - 1)``.
 
     Values beyond that range mean ``bit_depth`` is too small for the data:
     an :class:`ImageReadError` says so rather than clipping them.
@@ -490,7 +490,7 @@ def high_bit_pixels(image: Image.Image | np.ndarray, bit_depth: int, where: str)
             "16-bit range)."
         )
     pixels = values.astype(np.float32) / np.float32(top)
-    return pixels.reshape(*pixels.shape[:2], 1)
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
 
 
 @dataclass
