@@ -331,7 +331,7 @@ def _run_plain(spec: dict, result: dict, train, test, labels, mask_paths) -> dic
 
     from benchmarks import plain
     from skpatchcore.metrics import image_auroc
-    from skpatchcore.utils._images import Geometry
+    from skpatchcore.utils._geometry import Geometry
 
     for name in REFERENCE_IMPORTS:  # the reference code's imports, so the baseline RSS matches
         importlib.import_module(name)

@@ -132,7 +132,7 @@ def load_pixels(paths: list[str], image_size=256, crop_size=224) -> torch.Tensor
     """Images as the package feeds them to the backbone: (N, 3, H, W) float32 in [0, 1]."""
     from PIL import Image
 
-    from skpatchcore.utils._images import Geometry
+    from skpatchcore.utils._geometry import Geometry
 
     geometry = Geometry(image_size, crop_size)
     arrays = []

@@ -20,16 +20,8 @@ from ._aggregation import AGGREGATIONS, aggregate, build_stage_maps
 from ._backbones import build_backbone, check_fingerprint
 from .utils._buffers import empty_buffer
 from .utils._device import device_after_load, float32_precision, resolve_device
-from .utils._images import (
-    DEFAULT_BIT_DEPTH,
-    LEGACY_RESIZE_SIDE,
-    RESIZE_SIDES,
-    Geometry,
-    ImageReadError,
-    check_images,
-    fitted_box,
-    to_unit_float,
-)
+from .utils._geometry import LEGACY_RESIZE_SIDE, RESIZE_SIDES, Geometry, fitted_box, to_unit_float
+from .utils._images import DEFAULT_BIT_DEPTH, ImageReadError, check_images
 from .utils._pickling import VersionedPickleMixin
 
 

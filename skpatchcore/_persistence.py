@@ -72,7 +72,7 @@ from ._features import PatchFeatureTransformer
 from ._pipeline import PatchCorePipeline
 from ._version import __version__
 from .utils._device import resolve_device
-from .utils._images import LEGACY_RESIZE_SIDE, Geometry
+from .utils._geometry import LEGACY_RESIZE_SIDE, Geometry
 
 __all__ = ["ModelFileError", "load", "save"]
 

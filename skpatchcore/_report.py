@@ -1,8 +1,8 @@
 """Pictures for people: heat-map overlays on the original images and a one-page report.
 
 The model sees each image resized and centre-cropped (see
-:class:`~skpatchcore.utils._images.Geometry`), so its anomaly maps live at
-the model input size. :meth:`~skpatchcore.utils._images.Geometry.to_original` undoes that
+:class:`~skpatchcore.utils._geometry.Geometry`), so its anomaly maps live at
+the model input size. :meth:`~skpatchcore.utils._geometry.Geometry.to_original` undoes that
 geometry (the map back on the original image, with the border that a crop
 cut away marked as not inspected); :func:`overlay` then draws it on the
 original pixels and :func:`write_report`
@@ -20,7 +20,8 @@ from PIL import Image
 
 from .datasets import _read_mask
 from .metrics import image_auroc
-from .utils._images import DEFAULT_BIT_DEPTH, Geometry, check_images
+from .utils._geometry import Geometry
+from .utils._images import DEFAULT_BIT_DEPTH, check_images
 
 __all__ = ["overlay", "read_rgb", "write_overlay", "write_report"]
 
@@ -56,7 +57,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, inspected: np.ndarray, threshol
     image : ndarray of shape (H, W, 3), uint8
         The original image.
     heat, inspected : ndarray of shape (H, W)
-        From :meth:`~skpatchcore.utils._images.Geometry.to_original`.
+        From :meth:`~skpatchcore.utils._geometry.Geometry.to_original`.
     threshold : float
         The model's anomaly-score threshold (``threshold_`` of the detector).
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from skpatchcore.utils._geometry import Geometry
 from skpatchcore.utils._images import (
-    Geometry,
     ImageReadError,
     decode,
     image_paths_in,
@@ -266,7 +266,7 @@ def load_masks(
     """Load ground-truth masks at the model input geometry of their images.
 
     Each mask is resized and centre-cropped exactly like its image (the same
-    :class:`~skpatchcore.utils._images.Geometry`: bilinear resize, then
+    :class:`~skpatchcore.utils._geometry.Geometry`: bilinear resize, then
     binarised at 0.5), so that it lines up pixel for pixel with the anomaly
     map the model gives for that image.
 

@@ -40,7 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from skpatchcore.datasets import _image_size, _read_mask
-from skpatchcore.utils._images import Geometry
+from skpatchcore.utils._geometry import Geometry
 
 __all__ = [
     "aupro",

@@ -21,7 +21,7 @@ from skpatchcore._demo import make_demo_dataset
 from skpatchcore.cli import main
 from skpatchcore.datasets import load_mvtec_category
 from skpatchcore.metrics import image_auroc, pixel_metrics
-from skpatchcore.utils._images import Geometry
+from skpatchcore.utils._geometry import Geometry
 
 from .conftest import MPDD, needs
 

@@ -22,7 +22,7 @@ from skpatchcore._backbones import (
     fold_batch_norms,
 )
 from skpatchcore._efficientnet_lite import EfficientNetLite, SamePadConv2d
-from skpatchcore.utils._images import Geometry
+from skpatchcore.utils._geometry import Geometry
 
 from .conftest import MPDD, textured_parts
 
@@ -146,7 +146,7 @@ def test_float_images_equal_uint8_images_scaled_to_unit_range(lite_features):
 
 def test_batches_converted_at_once_equal_images_converted_one_by_one(lite_features):
     """8-bit images are converted per batch in torch; float arrays keep their own path."""
-    from skpatchcore.utils._images import _center_crop, to_unit_float
+    from skpatchcore.utils._geometry import _center_crop, to_unit_float
 
     rng = np.random.default_rng(9)
     for size, mode, geometry in [

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from skpatchcore import PatchFeatureTransformer, load, make_patchcore, save
-from skpatchcore.utils._images import Geometry, fitted_box
+from skpatchcore.utils._geometry import Geometry, fitted_box
 
 from .conftest import textured_parts
 

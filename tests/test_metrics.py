@@ -20,7 +20,7 @@ from skpatchcore.metrics import (
     pixel_auroc,
     pixel_metrics,
 )
-from skpatchcore.utils._images import Geometry
+from skpatchcore.utils._geometry import Geometry
 
 # --------------------------------------------------------------------------
 # Reference implementations, written for clarity rather than speed
