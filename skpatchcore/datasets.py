@@ -262,13 +262,18 @@ def load_masks(
     image_size: int | tuple[int, int] | None = 320,
     crop_size: int | tuple[int, int] | None = 320,
     resize_side: str = "longer",
+    *,
+    geometry: Geometry | None = None,
 ) -> np.ndarray:
     """Load ground-truth masks at the model input geometry of their images.
 
     Each mask is resized and centre-cropped exactly like its image (the same
     :class:`~skpatchcore.utils._geometry.Geometry`: bilinear resize, then
     binarised at 0.5), so that it lines up pixel for pixel with the anomaly
-    map the model gives for that image.
+    map the model gives for that image. To score maps, prefer
+    :func:`skpatchcore.metrics.pixel_metrics`, which compares them with the
+    masks at each image's original size (padding and crops counted honestly);
+    masks at the model input are for drawing on the maps, or training.
 
     A mask file is read as grayscale: if its values are only 0 and 1 they are
     used as they are, otherwise a pixel is defective where its value is at
@@ -291,8 +296,13 @@ def load_masks(
         :class:`~skpatchcore.PatchFeatureTransformer`'s.
     crop_size : int, (int, int) or None, default=320
         Centre crop, as the estimator's ``crop_size``; None means no crop.
-    resize_side : {"longer", "shorter"}, default="longer"
+    resize_side : {"longer", "shorter", "fit"}, default="longer"
         As the estimator's ``resize_side``.
+    geometry : Geometry, default=None
+        A fitted model's geometry (``model.named_steps["features"].geometry_``);
+        when given, it replaces the three settings above. This is how to get
+        a model's masks when its box was fitted to the training images
+        (``crop_size="auto"``).
 
     Returns
     -------
@@ -315,7 +325,8 @@ def load_masks(
     >>> masks.shape  # doctest: +SKIP
     (83, 320, 320)
     """
-    geometry = Geometry(image_size=image_size, crop_size=crop_size, resize_side=resize_side)
+    if geometry is None:
+        geometry = Geometry(image_size=image_size, crop_size=crop_size, resize_side=resize_side)
     mask_paths, image_paths = list(mask_paths), list(image_paths)
     if len(mask_paths) != len(image_paths):
         raise ValueError(

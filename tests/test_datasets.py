@@ -204,6 +204,18 @@ def test_load_masks_centre_crops_masks_like_their_images(tmp_path):
     np.testing.assert_array_equal(masks, expected)
 
 
+def test_load_masks_takes_a_fitted_geometry_such_as_a_box_fitted_to_the_training_images(tmp_path):
+    # 20 x 40 letterboxed into a 16 x 16 box: 8 x 16, padded by 4 rows above and below.
+    from skpatchcore.utils._geometry import Geometry
+
+    image = write_image(tmp_path / "a.png", 20, 40)
+    mask = write_mask(tmp_path / "a_mask.png", 20, 40, (0, 20, 0, 20))
+    masks = load_masks([mask], [image], geometry=Geometry(None, 16, "fit"))
+    expected = np.zeros((1, 16, 16), dtype=bool)
+    expected[0, 4:12, :8] = True
+    np.testing.assert_array_equal(masks, expected)
+
+
 def test_load_masks_gives_zeros_for_good_images_at_their_model_input_size(tmp_path):
     image = write_image(tmp_path / "good.png", 30, 40)
     # Shorter side 30 -> 20, longer side int(20 * 40 / 30) = 26.

@@ -307,6 +307,8 @@ def _geometry(features: dict) -> str:
     """``"256 / 224 px"`` or ``"320 px letterbox"`` from feature settings (``image_size``, ...)."""
     size, crop = features.get("image_size"), features.get("crop_size")
     side = features.get("resize_side", "shorter")
+    if crop == "auto":
+        return f"letterbox of about {size} x {size} px shaped like the training images"
     if side == "longer" and isinstance(size, int) and crop == size:
         return f"{size} px letterbox"
     return f"{size} / {crop} px" + (", longer side" if side == "longer" else "")
