@@ -175,6 +175,11 @@ def markdown(study: str, rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(
+                f"| {r['category']} | {r['ratio']:.0%} | {variant_label(r)} | failed: {r['error']} |"
+            )
+            continue
         bar = _bar(r["category"], r["ratio"])
         cells = [
             f"{value:.3f}" if value >= target - 1e-12 else f"**{value:.3f}**"
@@ -199,6 +204,8 @@ def select(rows: list[dict]) -> tuple[list[dict], str]:
     """Apply the rule to every variant that has all rows; return the ranking and its table."""
     by_variant: dict[str, dict] = {}
     for r in rows:
+        if "error" in r:
+            continue
         by_variant.setdefault(variant_label(r), {})[(r["category"], r["ratio"])] = r
     complete = {label: cells for label, cells in by_variant.items() if all(row in cells for row in ROWS)}
     labels = sorted(complete)
@@ -287,9 +294,14 @@ def main(argv=None) -> int:
                 print(f"skipping {category}: not found under {args.data_root}")
                 continue
             for features, coreset, detector in STUDIES[study]:
-                rows.append(
-                    evaluate(category, features, coreset, detector, ratio, args.seed, cache, args.data_root)
-                )
+                try:
+                    row = evaluate(
+                        category, features, coreset, detector, ratio, args.seed, cache, args.data_root
+                    )
+                except ValueError as error:  # a setting that cannot run on this data (said in the table)
+                    row = {"category": category, "ratio": ratio, "features": features, "coreset": coreset}
+                    row.update(detector=detector, error=str(error).splitlines()[0][:200])
+                rows.append(row)
                 print(json.dumps(rows[-1], default=str), flush=True)
                 (out / f"tuning-{study}.json").write_text(json.dumps(rows, indent=2, default=str))
         (out / f"tuning-{study}.md").write_text(markdown(study, rows))
@@ -297,7 +309,8 @@ def main(argv=None) -> int:
     if args.select:
         rows = []
         for path in sorted(out.glob("tuning-*.json")):
-            rows += [r for r in json.loads(path.read_text()) if isinstance(r, dict) and "grid" in r]
+            if path.stem != "tuning-selection":
+                rows += json.loads(path.read_text())
         ranking, table = select(rows)
         (out / "tuning-selection.json").write_text(json.dumps(ranking, indent=2))
         (out / "tuning-selection.md").write_text(table)
