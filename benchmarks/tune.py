@@ -150,6 +150,11 @@ def evaluate(category, features, coreset, detector, ratio, seed, cache, data_roo
     }
 
 
+def _key(row: dict) -> str:
+    fields = ("category", "ratio", "features", "coreset", "detector")
+    return json.dumps({name: row[name] for name in fields if name in row}, sort_keys=True, default=str)
+
+
 def _label(settings: dict) -> str:
     return ", ".join(f"{key}={value}" for key, value in settings.items()) or "defaults"
 
@@ -274,6 +279,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--study", nargs="+", default=[], help=f"one or more of {list(STUDIES)}, or all")
     parser.add_argument("--select", action="store_true", help="apply the rule to every tuning-*.json")
+    parser.add_argument("--resume", action="store_true", help="keep the rows a study's JSON already holds")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=None, help="feature cache folder (default: a temp folder)")
@@ -288,12 +294,22 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for study in studies:
+        path = out / f"tuning-{study}.json"
+        # Rows already measured (by an interrupted run of this study) are kept, not measured again.
+        done = {_key(r): r for r in json.loads(path.read_text())} if args.resume and path.exists() else {}
         rows = []
         for category, ratio in ROWS:
             if not (args.data_root / category).is_dir():
                 print(f"skipping {category}: not found under {args.data_root}")
                 continue
             for features, coreset, detector in STUDIES[study]:
+                key = _key(
+                    {"category": category, "ratio": ratio, "features": features, "coreset": coreset}
+                    | {"detector": detector}
+                )
+                if key in done:
+                    rows.append(done[key])
+                    continue
                 try:
                     row = evaluate(
                         category, features, coreset, detector, ratio, args.seed, cache, args.data_root
