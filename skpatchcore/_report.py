@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from ._auroc import image_auroc
 from .datasets import _read_mask
-from .metrics import image_auroc
 from .utils._geometry import Geometry
 from .utils._images import DEFAULT_BIT_DEPTH, check_images
 
