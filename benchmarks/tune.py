@@ -88,6 +88,15 @@ STUDIES = {
         ({"aggregation": "mean", "image_size": 320, "crop_size": None, "resize_side": "shorter"}, {}, {}),
         ({"aggregation": "mean", **PAPER}, {}, {}),
     ],
+    # 2. How patch distances become scores and maps, at the geometry study's best box (384).
+    "scoring": [
+        (auto(384), {}, {}),
+        (auto(384), {}, {"n_neighbors": 3}),
+        (auto(384), {}, {"n_neighbors": 5}),
+        (auto(384), {}, {"n_neighbors": 3, "sigma": 8.0}),
+        (auto(384), {}, {"n_neighbors": 3, "reweight_neighbors": 9}),
+        (auto(384), {}, {"reweight_neighbors": 9}),
+    ],
 }
 
 
@@ -117,12 +126,18 @@ def _cached_features(category: str, settings: dict, cache: Path, data_root: Path
     return train, test, info, data, SimpleNamespace(geometry_=transformer.geometry_)
 
 
+_LAST_CORESET: dict = {}
+
+
 def evaluate(category, features, coreset, detector, ratio, seed, cache, data_root) -> dict:
     settings = {**BACKBONE, **features}
     train, test, info, data, model = _cached_features(category, settings, cache, data_root)
-    start = time.perf_counter()
-    kept = GreedyCoresetSampler(ratio, random_state=seed, device="cpu", **coreset).fit_transform(train)
-    coreset_s = time.perf_counter() - start
+    key = json.dumps([category, settings, ratio, seed, coreset], sort_keys=True, default=str)
+    if _LAST_CORESET.get("key") != key:  # variants that differ in the detector only share one coreset
+        start = time.perf_counter()
+        kept = GreedyCoresetSampler(ratio, random_state=seed, device="cpu", **coreset).fit_transform(train)
+        _LAST_CORESET.update(key=key, kept=kept, seconds=time.perf_counter() - start)
+    kept, coreset_s = _LAST_CORESET["kept"], _LAST_CORESET["seconds"]
     start = time.perf_counter()
     fitted = PatchCoreDetector(device="cpu", **detector).fit(kept)
     index_s = time.perf_counter() - start
