@@ -88,6 +88,17 @@ STUDIES = {
         ({"aggregation": "mean", "image_size": 320, "crop_size": None, "resize_side": "shorter"}, {}, {}),
         ({"aggregation": "mean", **PAPER}, {}, {}),
     ],
+    # The aggregations at the paper's geometry and coreset projection, the settings the other
+    # implementations were measured with: the reference code's (1024 and 384 dims) and the mean.
+    "aggregation": [
+        ({**PAPER, "aggregation": "reference"}, {"projection_dim": 128}, {}),
+        (
+            {**PAPER, "aggregation": "reference", "pretrain_dim": 384, "target_dim": 384},
+            {"projection_dim": 128},
+            {},
+        ),
+        ({**PAPER, "aggregation": "mean"}, {"projection_dim": 128}, {}),
+    ],
     # 2. How patch distances become scores and maps, at the geometry study's best box (384).
     "scoring": [
         (auto(384), {}, {}),
