@@ -279,7 +279,7 @@ def test_letterbox_fits_the_longer_side_and_pads_the_shorter(size, resized):
 
 def test_resize_side_is_checked():
     with pytest.raises(
-        ValueError, match="'resize_side' parameter must be 'shorter' or 'longer'; got 'sideways'"
+        ValueError, match=r"'resize_side' parameter must be one of \['shorter', 'longer', 'fit'\]; got 'sideways'"
     ):
         Geometry(64, 64, resize_side="sideways")
     with pytest.raises(ValueError, match="resize_side"):
