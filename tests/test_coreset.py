@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.plain import greedy_coreset
+from benchmarks.plain import greedy_coreset, greedy_coreset_continued
 from skpatchcore import GreedyCoresetSampler
-from skpatchcore.coreset import _bounds, _exact, _plain, _running
+from skpatchcore.coreset import _bounds, _exact, _nearest, _plain, _running
 from skpatchcore.coreset import _tuning as tuning
 from skpatchcore.coreset._exact import greedy_indices_cpu
 from skpatchcore.coreset._plain import greedy_indices_torch
@@ -654,6 +654,95 @@ def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features, prod
         np.testing.assert_array_equal(
             greedy_indices_cpu(projected, n_select, starts), greedy_coreset(projected, n_select, starts)
         )
+
+
+# --------------------------------------------------------------------------
+# A selection continued from fixed centres (what partial_fit runs)
+# --------------------------------------------------------------------------
+
+
+def _split_cases():
+    """(centres, new points) pairs: ordinary, clustered, duplicates of the centres, a grid,
+    far from the origin and of extreme magnitudes."""
+    rng = np.random.default_rng(20)
+    gaussian = rng.normal(size=(3000, 16)).astype(np.float32)
+    clustered = clustered_points(3000, 32, seed=21)
+    repeated = np.repeat(rng.normal(size=(200, 8)).astype(np.float32), 6, axis=0)[rng.permutation(1200)]
+    grid = np.stack(np.meshgrid(np.arange(30), np.arange(30)), axis=-1).reshape(-1, 2).astype(np.float32)
+    offset = (rng.normal(size=(2000, 8)) + 1e4).astype(np.float32)
+    tiny = (rng.normal(size=(2000, 8)) * 1e-12).astype(np.float32)
+    huge = (rng.normal(size=(2000, 8)) * 1e14).astype(np.float32)
+    return {
+        "gaussian": (gaussian[:400], gaussian[400:]),
+        "clustered": (clustered[:300], clustered[300:]),
+        # every new point equals some centre: all start at 0, ties everywhere
+        "duplicates-of-centres": (repeated[:600], repeated[600:]),
+        "grid": (grid[::3], grid),
+        "offset-1e4": (offset[:500], offset[500:]),
+        "scale-1e-12": (tiny[:500], tiny[500:]),
+        "scale-1e14": (huge[:500], huge[500:]),
+    }
+
+
+SPLIT_CASES = _split_cases()
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_nearest_centre_distances_are_the_plain_minimum_bit_for_bit(case, monkeypatch):
+    """The continued selection's start: each point's distance to the nearest centre,
+    bounded by products and worked out where the bound cannot decide, equals the
+    minimum of the plain loop's float32 distances exactly (in blocks of any size)."""
+    centres, points = SPLIT_CASES[case]
+    plain = np.min([_plain.row_distances(points, centre) for centre in centres], axis=0)
+    assert _nearest.nearest_distances(points, centres).tobytes() == plain.tobytes()
+    monkeypatch.setattr(tuning, "NEAREST_CENTRES", 37)
+    monkeypatch.setattr(tuning, "NEAREST_POINTS", 53)
+    monkeypatch.setattr(tuning, "PAIR_BLOCK", 11)
+    assert _nearest.nearest_distances(points, centres).tobytes() == plain.tobytes()
+
+
+def test_nearest_centre_distances_work_out_few_pairs():
+    """On ordinary data the bound leaves a handful of exact pairs per point, not every pair."""
+    centres, points = SPLIT_CASES["clustered"]
+    worked_out = []
+    real = _nearest._pair_distances
+
+    def counted(*args):
+        worked_out.append(len(args[1]))
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_nearest, "_pair_distances", counted)
+        _nearest.nearest_distances(points, centres)
+    assert 0 < sum(worked_out) < 5 * len(points)
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
+def test_a_selection_continued_from_centres_gives_the_plain_loops_indices(case, fraction, products):
+    centres, points = SPLIT_CASES[case]
+    n_select = max(1, int(len(points) * fraction))
+    with np.errstate(over="ignore", invalid="ignore"):
+        fast = greedy_indices_cpu(points, n_select, None, centres=centres)
+    np.testing.assert_array_equal(fast, greedy_coreset_continued(points, n_select, centres))
+
+
+def test_continued_selections_with_extreme_or_no_centres_run_the_plain_loop():
+    points = np.random.default_rng(22).normal(size=(400, 4)).astype(np.float32)
+    for centres in (np.full((30, 4), 3e38, np.float32), np.empty((0, 4), np.float32), points[:5]):
+        with np.errstate(over="ignore", invalid="ignore"):
+            fast = greedy_indices_cpu(points, 40, None, centres=centres)
+            np.testing.assert_array_equal(fast, greedy_coreset_continued(points, 40, centres))
+
+
+def test_torch_loop_continued_from_centres_agrees_with_numpy_loop(monkeypatch):
+    centres, points = SPLIT_CASES["clustered"]
+    monkeypatch.setattr(tuning, "NEAREST_CENTRES", 64)  # several blocks of centres
+    numpy_indices = greedy_indices_cpu(points, 80, None, centres=centres)
+    torch_indices = greedy_indices_torch(
+        torch.from_numpy(points), 80, None, centres=torch.from_numpy(centres)
+    )
+    np.testing.assert_array_equal(torch_indices, numpy_indices)
 
 
 def test_torch_loop_agrees_with_numpy_loop():

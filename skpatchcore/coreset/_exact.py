@@ -16,12 +16,21 @@ from ..utils._bf16 import bf16_hardware as _bf16_hardware
 from ..utils._buffers import empty_buffer
 from . import _tuning as tuning
 from ._bounds import Bound, LowBound, Rows, candidates
+from ._nearest import nearest_distances
 from ._plain import distances_to, initial_distances, plain_indices, row_norms
 from ._running import Running
 
 
-def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, progress=None) -> np.ndarray:
+def greedy_indices_cpu(
+    points: np.ndarray, n_select: int, starts: np.ndarray | None, progress=None, *, centres=None
+) -> np.ndarray:
     """Greedy k-center selection, exactly as the plain loop, in batches.
+
+    The running distances start as each point's mean distance to the points
+    ``starts`` (the reference's warm start) or, given ``centres`` (an array of
+    vectors already selected, e.g. a memory bank), as its distance to the
+    nearest of them (:func:`~._nearest.nearest_distances`): the loop then
+    continues a selection that holds them.
 
     The plain loop (take the point farthest from the selection, lower every
     point's distance to it, repeat) reads all points once per selected point:
@@ -84,8 +93,13 @@ def greedy_indices_cpu(points: np.ndarray, n_select: int, starts: np.ndarray, pr
         # magnitude, where no distance can overflow; otherwise all of them first.
         lazy = math.isfinite(radius) and 2.0**-60 < radius and 4.0 * radius**2 < 2.0**120
         min_dist = None
+        if centres is not None:  # worked out first, exactly, as for extreme magnitudes
+            min_dist, lazy = nearest_distances(points, centres, pool), False
+            if not np.isfinite(min_dist).all():  # no centre (all inf): the plain loop
+                return plain_indices(points, min_dist, n_select, pool, progress)
         if not lazy:
-            min_dist = initial_distances(points, starts, pool).astype(np.float32)
+            if min_dist is None:
+                min_dist = initial_distances(points, starts, pool).astype(np.float32)
             if not (math.isfinite(radius) and np.isfinite(min_dist).all()) or 0.0 < radius < 2.0**-100:
                 return plain_indices(points, min_dist, n_select, pool, progress)
         # The bound's rounding analysis needs squares that can neither overflow nor,

@@ -87,12 +87,14 @@ def plain_indices(points, min_dist, n_select, pool, progress) -> np.ndarray:
 
 
 def greedy_indices_torch(
-    points: torch.Tensor, n_select: int, starts: torch.Tensor, progress=None
+    points: torch.Tensor, n_select: int, starts: torch.Tensor | None, progress=None, *, centres=None
 ) -> np.ndarray:
     """The plain greedy loop on a torch device (used on CUDA).
 
     One pass over all points per selected centre, no host round trip inside the
-    loop: on a GPU that pass is a memory-bound matrix-vector product.
+    loop: on a GPU that pass is a memory-bound matrix-vector product. Given
+    ``centres`` (a tensor of vectors already selected), the running distances
+    start at the distance to the nearest of them instead of the warm start.
     """
     norms = torch.einsum("ij,ij->i", points, points)
 
@@ -101,7 +103,13 @@ def greedy_indices_torch(
         squared = norms - 2.0 * (points @ center) + norms.index_select(0, index.view(1))
         return squared.clamp_min_(0.0).sqrt_()
 
-    min_dist = torch.stack([distances_to(s) for s in starts], dim=1).mean(dim=1)
+    if centres is None:
+        min_dist = torch.stack([distances_to(s) for s in starts], dim=1).mean(dim=1)
+    else:
+        min_dist = torch.full_like(norms, torch.inf)
+        for block in centres.split(tuning.NEAREST_CENTRES):
+            squared = norms[:, None] - 2.0 * (points @ block.T) + torch.einsum("ij,ij->i", block, block)
+            torch.minimum(min_dist, squared.clamp_min_(0.0).sqrt_().min(dim=1).values, out=min_dist)
     selected = torch.empty(n_select, dtype=torch.long, device=points.device)
     for step in range(n_select):
         chosen = torch.argmax(min_dist)

@@ -71,3 +71,10 @@ LOW_MOST_GAMMA = 0.05
 # pass, ~45 against ~140 ns: from 0.25 to 0.5, a 1% selection on MPDD took 5%
 # less time, 10% on Magnetic Tile's subset 8% less.)
 DENSE_FRACTION = 0.5
+# A selection continued from fixed centres (partial_fit) starts from each point's
+# distance to the nearest centre: with at most PLAIN_CENTRES centres it is
+# worked out plainly (one exact pass each); beyond, products of NEAREST_POINTS
+# points by NEAREST_CENTRES centres (16 MB) bound the pairs first.
+PLAIN_CENTRES = 16
+NEAREST_POINTS = 1024
+NEAREST_CENTRES = 4096
