@@ -198,19 +198,27 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         (192, 16)
         """
         data, vectors, kept, good_images = self._kept_patches(X, y, reset=True)
-        self.device_ = resolve_device(self.device)
-        self._set_bank(np.ascontiguousarray(vectors[kept]))
         picks = calibration_images(good_images, vectors.shape[1])
-        self.calibration_scores_ = self._calibrate(data[picks], picks, np.nonzero(kept)[0])
+        return self._fit_bank(np.ascontiguousarray(vectors[kept]), np.nonzero(kept)[0], data[picks], picks)
+
+    def _fit_bank(self, bank, bank_image, calibration, images) -> PatchCoreDetector:
+        """Take ``bank`` (not copied) and calibrate the threshold (see Notes).
+
+        ``bank_image`` is the image each bank vector comes from, ``calibration``
+        the features of the calibration ``images`` (:func:`calibration_images`).
+        """
+        self.device_ = resolve_device(self.device)
+        self._set_bank(bank)
+        self.calibration_scores_ = self._calibrate(calibration, images, bank_image)
         if not len(self.calibration_scores_):
             warnings.warn(
                 "The threshold could not be calibrated out of fold (all bank vectors come from one "
                 "image); it is set from in-sample scores, so predict() will flag nearly every new "
                 "image. Fit on more good images or call set_threshold().",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            self.set_threshold(float(self._scores(data[good_images], self._index)[1].max()))
+            self.set_threshold(float(self._scores(calibration, self._index)[1].max()))
         else:
             self._threshold_from_calibration()
         return self
@@ -255,11 +263,18 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         if not hasattr(self, "memory_bank_"):
             return self.fit(X, y)
         data, vectors, kept, good_images = self._kept_patches(X, y, reset=False)
-        n_old = len(self.memory_bank_)
-        self._set_bank(np.concatenate([self.memory_bank_, vectors[kept]]))
-        bank_image = np.concatenate([np.full(n_old, -1), np.nonzero(kept)[0]])  # -1: an earlier image
+        bank = np.concatenate([self.memory_bank_, vectors[kept]])
+        bank_image = np.concatenate([np.full(len(self.memory_bank_), -1), np.nonzero(kept)[0]])
         picks = calibration_images(good_images, vectors.shape[1])
-        scores = self._calibrate(data[picks], picks, bank_image)
+        return self._grow(bank, bank_image, data[picks], picks)
+
+    def _grow(self, bank, bank_image, calibration, images) -> PatchCoreDetector:
+        """Take the grown ``bank`` (not copied) and add the calibration ``images``' scores.
+
+        As :meth:`_fit_bank`; ``bank_image`` is -1 for the vectors of earlier images.
+        """
+        self._set_bank(bank)
+        scores = self._calibrate(calibration, images, bank_image)
         self.calibration_scores_ = np.concatenate([self.calibration_scores_, scores])
         self._threshold_from_calibration()
         return self

@@ -258,27 +258,25 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
     def _fit(self, X, y):
         """:meth:`fit` on features already validated."""
         candidates = Candidates(X, check_labels(y, len(X)))
-        rng = check_random_state(self.random_state)
-        projection = draw_projection(rng, candidates.n_features, self.projection_dim)
         with tqdm(desc="Coreset", unit="pt", disable=not self.verbose) as progress:
             if self._streams(candidates.n):
                 chunk_vectors = candidates.chunk_images(self.chunk_size) * candidates.per_image
-                stream = self._start_stream(candidates.n, chunk_vectors, rng, projection, progress)
+                stream = self._open_stream(candidates.n, chunk_vectors, progress)
                 for index, (start, stop, vectors, positions) in enumerate(candidates.chunks(self.chunk_size)):
                     chosen = stream.select_chunk(vectors, start, index)
                     stream.add(vectors[chosen], positions[chosen], stop)
-                positions, bank = stream.finish()
-            else:
-                vectors, positions = candidates.take(0, len(candidates.images))
-                n_select = bank_size(self.ratio, len(vectors))
-                progress.total = n_select
-                if n_select < len(vectors):
-                    starts = rng.choice(len(vectors), size=min(self.n_starts, len(vectors)), replace=False)
-                    device = resolve_device(self.device)
-                    positions = positions[
-                        select(vectors, n_select, projection, device, progress, starts=starts)
-                    ]
-                bank = X.reshape(-1, candidates.n_features)[np.sort(positions)]
+                self._close_stream(stream, candidates.n, candidates.n_vectors)
+                return self
+            rng = check_random_state(self.random_state)
+            projection = draw_projection(rng, candidates.n_features, self.projection_dim)
+            vectors, positions = candidates.take(0, len(candidates.images))
+            n_select = bank_size(self.ratio, len(vectors))
+            progress.total = n_select
+            if n_select < len(vectors):
+                starts = rng.choice(len(vectors), size=min(self.n_starts, len(vectors)), replace=False)
+                device = resolve_device(self.device)
+                positions = positions[select(vectors, n_select, projection, device, progress, starts=starts)]
+        bank = X.reshape(-1, candidates.n_features)[np.sort(positions)]
         self._set_fitted(positions, bank, projection, candidates.n, candidates.n_vectors)
         return self
 
@@ -286,9 +284,12 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         """Whether a fit on ``n_candidates`` patch vectors is streamed (``strategy``)."""
         return self.strategy == "stream" or (self.strategy == "auto" and n_candidates > AUTO_EXACT_PATCHES)
 
-    def _start_stream(self, n_candidates, chunk_vectors, rng, projection, progress=None) -> MergeReduce:
-        """The merge-and-reduce state of a streamed fit; its ``selector`` runs the chunks'
-        selections (locally, or shipped to Dask workers)."""
+    def _open_stream(self, n_candidates: int, chunk_vectors: int, progress=None) -> MergeReduce:
+        """The merge-and-reduce state of a streamed fit of ``n_candidates`` vectors of
+        ``n_features_in_`` values, in chunks of at most ``chunk_vectors``. Its ``selector``
+        runs the chunks' selections (here, or shipped to Dask workers)."""
+        rng = check_random_state(self.random_state)
+        projection = draw_projection(rng, self.n_features_in_, self.projection_dim)
         selector = Selector(projection, self.n_starts, int(rng.randint(2**31 - 1)), self.device)
         stream = MergeReduce(
             Shares(self.ratio, n_candidates),
@@ -298,6 +299,10 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         )
         stream.selector = selector
         return stream
+
+    def _close_stream(self, stream: MergeReduce, n_candidates: int, n_vectors: int) -> None:
+        positions, bank = stream.finish()
+        self._set_fitted(positions, bank, stream.selector.projection, n_candidates, n_vectors)
 
     def _set_fitted(self, positions, bank, projection, n_patches: int, n_vectors: int) -> None:
         self.sample_indices_ = positions
