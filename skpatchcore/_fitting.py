@@ -87,11 +87,12 @@ def chunk_result(features, images, image_numbers, n_select, select, index, picks
     return vectors[chosen], chosen, calibration
 
 
-def fit_in_chunks(features, sampler, detector, X, y, run_chunks=None) -> None:
+def fit_in_chunks(features, sampler, detector, X, y, run_chunks=None, transform=None) -> None:
     """Fit ``sampler`` and ``detector`` on ``X`` chunk by chunk (``features`` is fitted).
 
     With the exact strategy (a set the sampler does not stream) the features
-    of all of ``X`` are computed and the steps fitted on them as in a
+    of all of ``X`` are computed (``transform(X)``, by default the feature
+    step's) and the steps fitted on them as in a
     :class:`~sklearn.pipeline.Pipeline`. ``run_chunks(plan, X, tasks)``, when
     given, runs the chunks elsewhere: ``tasks`` lists ``(k, n_select,
     selector)`` and it yields :func:`chunk_result` of each chunk, in order.
@@ -102,7 +103,7 @@ def fit_in_chunks(features, sampler, detector, X, y, run_chunks=None) -> None:
     good = check_labels(y, n_images)
     good_images = np.arange(n_images) if good is None else np.flatnonzero(good)
     if not sampler._streams(len(good_images) * h * w):
-        detector.fit(sampler.fit_transform(features.transform(X), y), y)
+        detector.fit(sampler.fit_transform((transform or features.transform)(X), y), y)
         return
     plan = ChunkPlan(good_images, h * w, sampler.chunk_size)
     sampler.n_features_in_ = detector.n_features_in_ = d
