@@ -174,7 +174,7 @@ def projected_points(vectors: np.ndarray, seed: int, projection_dim: int = 128, 
     """The projected vectors and start points ``GreedyCoresetSampler(random_state=seed)`` draws."""
     from sklearn.utils import check_random_state
 
-    from skpatchcore.coreset._selection import project
+    from skpatchcore._coreset._selection import project
 
     rng = check_random_state(seed)
     projection = rng.standard_normal((vectors.shape[1], projection_dim)).astype(np.float32)

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._coreset import GreedyCoresetSampler
+from ._coreset._stream import chunk_coreset
 from ._detector import PatchCoreDetector, calibration_images
 from ._features import PatchFeatureTransformer
-from .coreset import GreedyCoresetSampler
-from .coreset._stream import chunk_coreset
 from .utils._validation import check_labels
 
 

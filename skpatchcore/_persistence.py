@@ -66,11 +66,11 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._backbones import BackboneError, build_backbone, fingerprint
+from ._coreset import GreedyCoresetSampler
 from ._detector import PatchCoreDetector
 from ._features import PatchFeatureTransformer
 from ._pipeline import PatchCorePipeline
 from ._version import __version__
-from .coreset import GreedyCoresetSampler
 from .utils._device import resolve_device
 from .utils._images import LEGACY_RESIZE_SIDE, Geometry
 

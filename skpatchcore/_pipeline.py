@@ -9,10 +9,10 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
+from ._coreset import GreedyCoresetSampler
 from ._detector import PatchCoreDetector
 from ._features import PatchFeatureTransformer
 from ._fitting import chunkable_steps, fit_in_chunks, grow_in_chunks
-from .coreset import GreedyCoresetSampler
 from .utils._images import ImageReadError, SkippedImagesWarning
 
 _STEPS = (

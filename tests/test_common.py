@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+import skpatchcore._coreset._sampler
 import skpatchcore._detector
-import skpatchcore.coreset._sampler
 from skpatchcore import GreedyCoresetSampler, PatchCoreDetector
 
 LABELS = (
@@ -82,7 +82,7 @@ def labels_ignored(monkeypatch):
     def ignore(y, n_images):
         return None
 
-    monkeypatch.setattr(skpatchcore.coreset._sampler, "check_labels", ignore)
+    monkeypatch.setattr(skpatchcore._coreset._sampler, "check_labels", ignore)
     monkeypatch.setattr(skpatchcore._detector, "check_labels", ignore)
 
 

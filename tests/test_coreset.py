@@ -8,11 +8,11 @@ import torch
 
 from benchmarks.plain import greedy_coreset, greedy_coreset_continued
 from skpatchcore import GreedyCoresetSampler
-from skpatchcore.coreset import _bounds, _exact, _nearest, _plain, _running
-from skpatchcore.coreset import _tuning as tuning
-from skpatchcore.coreset._exact import greedy_indices_cpu
-from skpatchcore.coreset._plain import greedy_indices_torch
-from skpatchcore.coreset._selection import project
+from skpatchcore._coreset import _bounds, _exact, _nearest, _plain, _running
+from skpatchcore._coreset import _tuning as tuning
+from skpatchcore._coreset._exact import greedy_indices_cpu
+from skpatchcore._coreset._plain import greedy_indices_torch
+from skpatchcore._coreset._selection import project
 from skpatchcore.utils._bf16 import UNIT_ROUNDOFF, bf16_hardware, bf16_sums_in_float32
 
 from ._precision import bfloat16_settings

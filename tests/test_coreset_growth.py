@@ -10,8 +10,8 @@ import pytest
 
 from benchmarks.plain import greedy_coreset, greedy_coreset_continued
 from skpatchcore import GreedyCoresetSampler
-from skpatchcore.coreset import _sampler, _stream
-from skpatchcore.coreset._selection import project
+from skpatchcore._coreset import _sampler, _stream
+from skpatchcore._coreset._selection import project
 
 from .test_coreset import clustered_points
 

@@ -92,11 +92,11 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         the order they were chosen (streamed: pool by pool). After
         :meth:`partial_fit`, into the vectors of every ``X`` seen, one after
         the other (``fit``'s, then each ``partial_fit``'s).
-    coreset_ : ndarray of shape (n_kept, n_features_in_)
+    coreset_ : ndarray of shape (n_kept, n_features)
         The kept vectors, unprojected, in the order of their positions
         (``np.sort(sample_indices_)``): the centres :meth:`partial_fit`
         continues from.
-    projection_ : ndarray of shape (n_features_in_, projection_dim) or None
+    projection_ : ndarray of shape (n_features, projection_dim) or None
         The random projection used for choosing (None: the vectors as they are).
     n_features_in_ : int
         Length of each feature vector.
