@@ -19,12 +19,14 @@ run keeps its last results there):
    less the bank. The streamed fits' time exponent is fitted on log-log
    axes (all points, and those of 1,000 images and more).
 2. **Quality** (``--part quality``). On every shared category at
-   ``--ratio`` (default 1 %): one exact fit, a streamed fit (the default
-   ``chunk_size``) and a fit on the first half of the training images grown
-   with ``partial_fit`` by the second half; image AUROC, pixel AUROC and
-   AUPRO of each (pixel metrics as ``run_benchmarks.py`` computes them: maps
-   at the model input size against the masks put through the same geometry),
-   and the differences to the exact fit.
+   ``--ratio`` (default 1 %), the features computed once: an exact coreset, a
+   streamed one (the default ``chunk_size``) and one of the first half of the
+   training images grown with ``partial_fit`` by the second half, each with
+   ``--seeds`` random states (default 5: the exact greedy's own spread over
+   its random start points is the scale of the differences); image AUROC,
+   pixel AUROC and AUPRO (pixel metrics as ``run_benchmarks.py`` computes
+   them: maps at the model input size against the masks put through the same
+   geometry), of seed 0 and their mean, and the differences to the exact fit.
 
 ``--big N`` adds one streamed fit of N images (e.g. 10,000) to the scaling
 part. Run from the repository root::
@@ -169,11 +171,23 @@ def run_scaling_point(spec: dict) -> dict:
     return result
 
 
+VARIANTS = ("exact", "stream", "halves")
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
 def run_quality_category(spec: dict) -> dict:
-    """Exact, streamed and grown-in-halves fits of one category; their detection quality."""
+    """Exact, streamed and grown-in-halves banks of one category, for several seeds; their quality.
+
+    The features of the training and test images are computed once (the
+    package defaults); each variant and seed fits a coreset and a detector on
+    them: ``strategy="exact"``, ``strategy="stream"`` (the default
+    ``chunk_size``: the chunks and the selections of a streamed pipeline fit),
+    and the first half of the training images grown with ``partial_fit`` by the
+    second half (the sampler's and the detector's, as the pipeline's).
+    """
     import numpy as np
 
-    from skpatchcore import make_patchcore
+    from skpatchcore import GreedyCoresetSampler, PatchCoreDetector, PatchFeatureTransformer
     from skpatchcore.datasets import load_masks, load_mvtec_category
     from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
 
@@ -186,44 +200,53 @@ def run_quality_category(spec: dict) -> dict:
         mask_paths = [data.test_mask_paths[i] for i in keep]
     else:
         mask_paths = data.test_mask_paths
-    settings = {"backbone": BACKBONE, "ratio": spec["ratio"], "random_state": 0, **spec["settings"]}
-    half = len(train) // 2
-    variants = {
-        "exact": lambda: make_patchcore(strategy="exact", **settings).fit(train),
-        "stream": lambda: make_patchcore(strategy="stream", **settings).fit(train),
-        "halves": lambda: make_patchcore(**settings).fit(train[:half]).partial_fit(train[half:]),
-    }
-    result = {
-        "category": spec["category"],
-        "ratio": spec["ratio"],
-        "n_train": len(train),
-        "n_test": len(test),
-    }
-    masks = None
-    for name, fit in variants.items():
-        start = time.perf_counter()
-        pipe = fit()
-        fit_s = time.perf_counter() - start
-        maps, scores = pipe.predict_map(test, return_scores=True)
-        if masks is None:
-            features = pipe.steps[0][1]
-            masks = load_masks(
-                mask_paths,
-                test,
-                image_size=features.image_size,
-                crop_size=features.crop_size,
-                resize_side=features.resize_side,
+    features = PatchFeatureTransformer(backbone=BACKBONE).fit(train)
+    train_features = features.transform(train)
+    test_features, input_size = features._transform(test)
+    masks = load_masks(
+        mask_paths, test, image_size=features.image_size, crop_size=features.crop_size,
+        resize_side=features.resize_side,
+    )  # fmt: skip
+    half, per_image = len(train) // 2, int(np.prod(train_features.shape[1:3]))
+
+    def fitted(variant, seed):
+        settings = {"ratio": spec["ratio"], "random_state": seed, **spec["settings"]}
+        detector = PatchCoreDetector()
+        if variant != "halves":
+            sampler = GreedyCoresetSampler(strategy=variant, **settings)
+            return sampler, detector.fit(sampler.fit_transform(train_features))
+        sampler = GreedyCoresetSampler(**settings)
+        detector.fit(sampler.fit_transform(train_features[:half]))
+        new = train_features[half:]
+        sampler.partial_fit(new)
+        kept = np.zeros(len(new) * per_image, dtype=bool)
+        offset = half * per_image
+        kept[sampler.sample_indices_[sampler.sample_indices_ >= offset] - offset] = True
+        mask = np.broadcast_to(~kept.reshape(*new.shape[:3], 1), new.shape)
+        return sampler, detector.partial_fit(np.ma.MaskedArray(new, mask=mask))
+
+    result = {"category": spec["category"], "ratio": spec["ratio"], "n_train": len(train)}
+    result |= {"n_test": len(test), "seeds": spec["seeds"]}
+    for variant in VARIANTS:
+        runs = []
+        for seed in range(spec["seeds"]):
+            start = time.perf_counter()
+            sampler, detector = fitted(variant, seed)
+            fit_s = time.perf_counter() - start
+            maps, scores = detector.predict_map(test_features, input_size, return_scores=True)
+            chunk_images = max(1, sampler.chunk_size // per_image)
+            runs.append(
+                {
+                    "seed": seed,
+                    "coreset_and_index_s": fit_s,
+                    "bank_size": len(detector.memory_bank_),
+                    "n_chunks": math.ceil(len(train) / chunk_images),
+                    "image_auroc": image_auroc(labels, scores),
+                    "pixel_auroc": pixel_auroc(masks, maps),
+                    "aupro": aupro(masks, maps),
+                }
             )
-        coreset = pipe.steps[1][1]
-        chunk_images = max(1, coreset.chunk_size // (coreset.n_vectors_seen_ // len(train)))
-        result[name] = {
-            "fit_s": fit_s,
-            "bank_size": len(pipe.steps[-1][1].memory_bank_),
-            "n_chunks": math.ceil(len(train) / chunk_images),
-            "image_auroc": image_auroc(labels, scores),
-            "pixel_auroc": pixel_auroc(masks, maps),
-            "aupro": aupro(masks, maps),
-        }
+        result[variant] = runs
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
@@ -318,44 +341,37 @@ def scaling_table(results: list[dict]) -> str:
 
 
 def quality_table(results: list[dict]) -> str:
-    headers = [
-        "category",
-        "train",
-        "fit",
-        "bank",
-        "fit s",
-        "image AUROC",
-        "pixel AUROC",
-        "AUPRO",
-        "delta vs exact",
-    ]
+    """Per category and fit: the metrics of seed 0, their mean over the seeds and the seeds'
+    spread (largest less smallest), and each one's difference to the exact fit's."""
+    import numpy as np
+
+    headers = ["category", "fit", "bank", "seed 0: image AUROC / pixel AUROC / AUPRO", "delta vs exact"]
+    headers += ["mean over seeds", "delta of means", "spread over seeds"]
     rows = []
+
+    def triple(values, signed=False):
+        return " / ".join(f"{value:+.3f}" if signed else f"{value:.3f}" for value in values)
+
     for r in results:
         if "error" in r:
-            rows.append([r.get("category"), None, None, None, None, None, None, None, r["error"]])
+            rows.append([r.get("category"), None, None, r["error"], *[None] * 4])
             continue
-        exact = r["exact"]
-        for name in ("exact", "stream", "halves"):
-            v = r[name]
-            delta = None
-            if name != "exact":
-                delta = " / ".join(f"{v[m] - exact[m]:+.3f}" for m in ("image_auroc", "pixel_auroc", "aupro"))
-            label = {
-                "exact": "exact",
-                "stream": f"stream ({v['n_chunks']} chunks)",
-                "halves": "half + partial_fit",
-            }
+        table = {v: np.array([[run[m] for m in METRICS] for run in r[v]]) for v in VARIANTS}
+        for variant in VARIANTS:
+            values, exact = table[variant], table["exact"]
+            label = {"exact": "exact", "stream": f"stream ({r[variant][0]['n_chunks']} chunks)"}
+            label["halves"] = "half + partial_fit"
+            different = variant != "exact"
             rows.append(
                 [
-                    r["category"],
-                    r["n_train"],
-                    label[name],
-                    f"{v['bank_size']:,}",
-                    fmt(v["fit_s"], 1),
-                    fmt(v["image_auroc"]),
-                    fmt(v["pixel_auroc"]),
-                    fmt(v["aupro"]),
-                    delta,
+                    f"{r['category']} ({r['n_train']} train)",
+                    label[variant],
+                    f"{r[variant][0]['bank_size']:,}",
+                    triple(values[0]),
+                    triple(values[0] - exact[0], signed=True) if different else None,
+                    triple(values.mean(axis=0)),
+                    triple(values.mean(axis=0) - exact.mean(axis=0), signed=True) if different else None,
+                    triple(values.max(axis=0) - values.min(axis=0)),
                 ]
             )
     return markdown_table(headers, rows)
@@ -398,12 +414,14 @@ def markdown(payload: dict, quick: bool) -> str:
         lines += [
             f"## Quality of streamed and grown models ({quality['ratio']:.0%} coreset)",
             "",
-            "Each category at the package defaults: one exact fit; a streamed fit "
-            '(`strategy="stream"`, chunks of 262,144 patches = 163 images, coresets of twice the '
-            "chunk's share, reduced); a fit on the first half of the training images grown with "
-            "`partial_fit` by the second half. Pixel AUROC and AUPRO at the model input size "
-            "(masks through the same geometry, as `run_benchmarks.py`). Delta = image AUROC / pixel "
-            "AUROC / AUPRO minus the exact fit's.",
+            "Each category at the package defaults, the features computed once: an exact coreset; a "
+            'streamed one (`strategy="stream"`, chunks of 262,144 patches = 163 images, coresets '
+            "of twice the chunk's share, pooled and reduced); one of the first half of the training "
+            "images grown with `partial_fit` by the second half (sampler and detector). Each with "
+            f"random_state 0 to {quality['seeds'] - 1}: the exact greedy's own spread over seeds "
+            "(its random start points) is the scale against which to read the differences. Pixel "
+            "AUROC and AUPRO at the model input size (masks through the same geometry, as "
+            "`run_benchmarks.py`). Metrics as image AUROC / pixel AUROC / AUPRO.",
             "",
             quality_table(quality["results"]),
             "",
@@ -427,6 +445,7 @@ def main(argv=None) -> int:
     parser.add_argument("--source", default="magnetic_tile/magnetic_tile", help="category to augment")
     parser.add_argument("--categories", nargs="+", default=CATEGORIES)
     parser.add_argument("--ratio", type=float, default=0.01, help="coreset ratio of the quality part")
+    parser.add_argument("--seeds", type=int, default=5, help="random_state 0..seeds-1 of the quality part")
     parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
     parser.add_argument("--work", default=None, help="folder for the synthetic images (default: temporary)")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per point")
@@ -491,9 +510,14 @@ def main(argv=None) -> int:
                 continue
             print(f"quality: {category} ...", file=sys.stderr)
             spec = {"category": category, "ratio": args.ratio, "data_root": args.data_root}
-            spec |= {"quick": args.quick, "settings": settings}
+            spec |= {"quick": args.quick, "settings": settings, "seeds": 2 if args.quick else args.seeds}
             results.append(run_in_subprocess("quality", spec, args.timeout))
-        payload["quality"] = {"ratio": args.ratio, "results": results, "note": args.note}
+        payload["quality"] = {
+            "ratio": args.ratio,
+            "seeds": spec["seeds"],
+            "results": results,
+            "note": args.note,
+        }
         print(quality_table(results))
 
     json_path, md_path = write_results(out, name, payload, markdown(payload, args.quick))
