@@ -392,7 +392,7 @@ def markdown(payload: dict, quick: bool) -> str:
             "",
             f"Augmented {scaling['source']} training images (see `benchmarks/scaling.py`), fitted at the "
             "package defaults (efficientnet_lite0, 320 px letterbox: 1,600 patches of 152 values per "
-            "image, ratio 0.1, chunks of 262,144 patches), each fit in a fresh process. Index = memory "
+            "image, ratio 0.1, chunks of 65,536 patches), each fit in a fresh process. Index = memory "
             "bank, search index and threshold calibration; coreset = the rest of the fit (wall seconds, "
             "without loading the backbone). CPU s = CPU seconds of all the process's threads during "
             "the fit. Peak RSS of the fitting process.",
@@ -415,7 +415,7 @@ def markdown(payload: dict, quick: bool) -> str:
             f"## Quality of streamed and grown models ({quality['ratio']:.0%} coreset)",
             "",
             "Each category at the package defaults, the features computed once: an exact coreset; a "
-            'streamed one (`strategy="stream"`, chunks of 262,144 patches = 163 images, coresets '
+            'streamed one (`strategy="stream"`, chunks of 65,536 patches = 40 images, coresets '
             "of twice the chunk's share, pooled and reduced); one of the first half of the training "
             "images grown with `partial_fit` by the second half (sampler and detector). Each with "
             f"random_state 0 to {quality['seeds'] - 1}: the exact greedy's own spread over seeds "
