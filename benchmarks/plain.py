@@ -109,6 +109,31 @@ def greedy_coreset(points, n_select, starts):
     return selected
 
 
+def greedy_coreset_continued(points, n_select, centres):
+    """The plain greedy loop continued from vectors already selected (``partial_fit``).
+
+    ``centres`` are the selected vectors, projected as ``points`` are. Each
+    point's running distance starts as its distance to the nearest centre;
+    then each step takes the farthest point and lowers every distance with
+    ``min``, as :func:`greedy_coreset`. Returns indices into ``points``.
+    """
+    points = np.asarray(points, dtype=np.float32)
+
+    def distances_to(center):
+        diff = points - center
+        return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+    min_dist = np.full(len(points), np.inf, dtype=np.float32)
+    for center in np.asarray(centres, dtype=np.float32):
+        min_dist = np.minimum(min_dist, distances_to(center))
+    selected = np.empty(n_select, dtype=np.int64)
+    for step in range(n_select):
+        chosen = int(np.argmax(min_dist))
+        selected[step] = chosen
+        min_dist = np.minimum(min_dist, distances_to(points[chosen]))
+    return selected
+
+
 def greedy_coreset_torch(points, n_select, starts):
     """The reference code's loop in torch: distances by the norm expansion, concatenate, min."""
     features = torch.as_tensor(points, dtype=torch.float32)
@@ -149,7 +174,7 @@ def projected_points(vectors: np.ndarray, seed: int, projection_dim: int = 128, 
     """The projected vectors and start points ``GreedyCoresetSampler(random_state=seed)`` draws."""
     from sklearn.utils import check_random_state
 
-    from skpatchcore._coreset import project
+    from skpatchcore._coreset._selection import project
 
     rng = check_random_state(seed)
     projection = rng.standard_normal((vectors.shape[1], projection_dim)).astype(np.float32)

@@ -366,7 +366,7 @@ def _timed(function, *args):
 def bench_coreset(vectors: np.ndarray, ratios: list[float], seed: int, repeats: int, plain_steps) -> dict:
     """Fast exact loop vs the plain loops on the same projected vectors."""
     from skpatchcore import GreedyCoresetSampler
-    from skpatchcore._coreset import greedy_indices_cpu
+    from skpatchcore._coreset._exact import greedy_indices_cpu
 
     points, starts = projected_points(vectors, seed)
     points = np.ascontiguousarray(points)

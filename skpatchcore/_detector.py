@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._maps import UPSAMPLING_MODES, anomaly_maps
-from ._search import INDEX_KINDS, NearestNeighborIndex
+from ._search import INDEX_KINDS, NearestNeighborIndex, OutOfFoldIndex
 from .utils._device import as_tensor, device_after_load, resolve_device
 from .utils._pickling import VersionedPickleMixin
 from .utils._validation import check_labels, check_patch_features
@@ -26,6 +26,13 @@ _CALIBRATION_QUERIES = 16 * 784
 _CALIBRATION_FOLDS = 16
 # Query vectors searched per step when scoring, to bound memory.
 _SEARCH_CHUNK = 65536
+
+
+def calibration_images(good_images: np.ndarray, per_image: int) -> np.ndarray:
+    """The good images whose out-of-fold scores calibrate the threshold: up to
+    ``_CALIBRATION_QUERIES`` patch vectors' worth of them, evenly spaced."""
+    n_calibration = min(len(good_images), max(1, _CALIBRATION_QUERIES // per_image))
+    return good_images[np.unique(np.linspace(0, len(good_images) - 1, n_calibration).round().astype(int))]
 
 
 class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
@@ -190,8 +197,93 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
         >>> PatchCoreDetector(device="cpu").fit(features, y=[1, 1, 1, -1]).memory_bank_.shape
         (192, 16)
         """
+        data, vectors, kept, good_images = self._kept_patches(X, y, reset=True)
+        picks = calibration_images(good_images, vectors.shape[1])
+        return self._fit_bank(np.ascontiguousarray(vectors[kept]), np.nonzero(kept)[0], data[picks], picks)
+
+    def _fit_bank(self, bank, bank_image, calibration, images) -> PatchCoreDetector:
+        """Take ``bank`` (not copied) and calibrate the threshold (see Notes).
+
+        ``bank_image`` is the image each bank vector comes from, ``calibration``
+        the features of the calibration ``images`` (:func:`calibration_images`).
+        """
+        self.device_ = resolve_device(self.device)
+        self._set_bank(bank)
+        self.calibration_scores_ = self._calibrate(calibration, images, bank_image)
+        if not len(self.calibration_scores_):
+            warnings.warn(
+                "The threshold could not be calibrated out of fold (all bank vectors come from one "
+                "image); it is set from in-sample scores, so predict() will flag nearly every new "
+                "image. Fit on more good images or call set_threshold().",
+                UserWarning,
+                stacklevel=3,
+            )
+            self.set_threshold(float(self._scores(calibration, self._index)[1].max()))
+        else:
+            self._threshold_from_calibration()
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Add good images' patches to the memory bank and recalibrate the threshold.
+
+        The kept patches of ``X`` (unmasked, of good images) are appended to
+        ``memory_bank_``. Up to 16 images' worth of ``X``'s good images (as
+        :meth:`fit` chooses them) are scored against the grown bank without
+        their own patches; their scores join ``calibration_scores_`` (the
+        earlier ones are kept: against the grown bank they could only be
+        lower, so keeping them errs on the side of fewer false alarms), and
+        the threshold is set from all of them as in :meth:`fit`, replacing one
+        set with :meth:`set_threshold`. On an unfitted detector this is
+        :meth:`fit`.
+
+        Parameters
+        ----------
+        X : array or masked array of shape (n_images, h, w, n_features) or (n_vectors, n_features)
+            Patch features of new images, as for :meth:`fit`.
+        y : array of shape (n_images,), default=None
+            Optional labels, +1 good / -1 defective; defective images stay out.
+
+        Returns
+        -------
+        self : PatchCoreDetector
+            The detector, its bank and threshold updated.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import PatchCoreDetector
+        >>> rng = np.random.default_rng(0)
+        >>> detector = PatchCoreDetector(device="cpu").fit(rng.normal(size=(4, 8, 8, 16)).astype(np.float32))
+        >>> detector.partial_fit(rng.normal(size=(2, 8, 8, 16)).astype(np.float32)).memory_bank_.shape
+        (384, 16)
+        >>> detector.calibration_scores_.shape  # 4 images at fit, 2 more now
+        (6,)
+        """
+        if not hasattr(self, "memory_bank_"):
+            return self.fit(X, y)
+        data, vectors, kept, good_images = self._kept_patches(X, y, reset=False)
+        bank = np.concatenate([self.memory_bank_, vectors[kept]])
+        bank_image = np.concatenate([np.full(len(self.memory_bank_), -1), np.nonzero(kept)[0]])
+        picks = calibration_images(good_images, vectors.shape[1])
+        return self._grow(bank, bank_image, data[picks], picks)
+
+    def _grow(self, bank, bank_image, calibration, images) -> PatchCoreDetector:
+        """Take the grown ``bank`` (not copied) and add the calibration ``images``' scores.
+
+        As :meth:`_fit_bank`; ``bank_image`` is -1 for the vectors of earlier images.
+        """
+        self._set_bank(bank)
+        scores = self._calibrate(calibration, images, bank_image)
+        self.calibration_scores_ = np.concatenate([self.calibration_scores_, scores])
+        self._threshold_from_calibration()
+        return self
+
+    def _kept_patches(self, X, y, reset: bool):
+        """Validated features, their vectors (n_images, n_patches, d), the patches that
+        enter the bank (unmasked, of good images) and the good images."""
         mask = np.ma.getmask(X)
-        data = check_patch_features(self, X, reset=True)
+        data = check_patch_features(self, X, reset=reset)
         good = check_labels(y, len(data))
         n_images, n_features = len(data), data.shape[-1]
         vectors = data.reshape(n_images, -1, n_features)
@@ -204,43 +296,38 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
             raise ValueError(
                 "No patch is left for the memory bank: every patch of every good image is masked."
             )
-        self.device_ = resolve_device(self.device)
-        self.memory_bank_ = np.ascontiguousarray(vectors[kept])
-        self._index = NearestNeighborIndex(self.memory_bank_, self.device_, self.allow_tf32, self.index)
-
-        bank_image = np.nonzero(kept)[0]
         good_images = np.arange(n_images) if good is None else np.flatnonzero(good)
-        self.calibration_scores_ = self._calibrate(data, good_images, bank_image)
-        if len(self.calibration_scores_):
-            if self.contamination == "auto":
-                threshold = float(self.calibration_scores_.max())
-            else:
-                threshold = float(np.quantile(self.calibration_scores_, 1.0 - self.contamination))
-        else:
-            warnings.warn(
-                "The threshold could not be calibrated out of fold (all bank vectors come from one "
-                "image); it is set from in-sample scores, so predict() will flag nearly every new "
-                "image. Fit on more good images or call set_threshold().",
-                UserWarning,
-                stacklevel=2,
-            )
-            threshold = float(self._scores(data[good_images], self._index)[1].max())
-        self.set_threshold(threshold)
-        return self
+        return data, vectors, kept, good_images
 
-    def _calibrate(self, data, good_images, bank_image) -> np.ndarray:
-        """Anomaly scores of good training images against the bank without their own patches."""
-        per_image = int(np.prod(data.shape[1:-1])) if data.ndim > 2 else 1
-        n_calibration = min(len(good_images), max(1, _CALIBRATION_QUERIES // per_image))
-        picks = np.unique(np.linspace(0, len(good_images) - 1, n_calibration).round().astype(int))
+    def _set_bank(self, bank: np.ndarray) -> None:
+        """Take ``bank`` (float32, contiguous; not copied) as the memory bank and index it."""
+        self.memory_bank_ = bank
+        self._index = NearestNeighborIndex(bank, self.device_, self.allow_tf32, self.index)
+
+    def _calibrate(self, features, images, bank_image) -> np.ndarray:
+        """Anomaly scores of good training images against the bank without their own patches.
+
+        ``features`` are the images' patch features, ``images`` their numbers
+        and ``bank_image`` the number of the image each bank vector comes from.
+        They are scored in at most 16 folds of consecutive images; a fold whose
+        images own every bank vector is left out.
+        """
         scores = []
-        for fold in np.array_split(good_images[picks], min(_CALIBRATION_FOLDS, len(picks))):
-            others = ~np.isin(bank_image, fold)
-            if not others.any():
+        for fold in np.array_split(np.arange(len(images)), min(_CALIBRATION_FOLDS, len(images))):
+            excluded = np.isin(bank_image, images[fold])
+            if excluded.all():
                 continue
-            index = NearestNeighborIndex(self.memory_bank_[others], self.device_, self.allow_tf32, "flat")
-            scores.append(self._scores(data[fold], index)[1])
+            index = OutOfFoldIndex(self.memory_bank_, excluded, self.device_, self.allow_tf32)
+            scores.append(self._scores(features[fold], index)[1])
         return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
+
+    def _threshold_from_calibration(self) -> None:
+        """The threshold from ``calibration_scores_``: their largest (``contamination="auto"``)
+        or their ``1 - contamination`` quantile."""
+        if self.contamination == "auto":
+            self.set_threshold(float(self.calibration_scores_.max()))
+        else:
+            self.set_threshold(float(np.quantile(self.calibration_scores_, 1.0 - self.contamination)))
 
     def set_threshold(self, threshold: float) -> PatchCoreDetector:
         """Set the anomaly-score threshold used by :meth:`predict`.
@@ -483,4 +570,4 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
     def _after_unpickle(self):
         if "memory_bank_" in self.__dict__:
             self.device_ = device_after_load(self.device_, type(self).__name__)
-            self._index = NearestNeighborIndex(self.memory_bank_, self.device_, self.allow_tf32, self.index)
+            self._set_bank(self.memory_bank_)

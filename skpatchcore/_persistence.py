@@ -80,7 +80,11 @@ FORMAT_NAME = "skpatchcore-model"
 # 2: PatchFeatureTransformer has resize_side (version 1 files load with "shorter").
 # 3: PatchFeatureTransformer has bit_depth, its geometry_ may letterbox into a box
 #    (resize_side="fit", from crop_size="auto"), and backbone_fingerprint_ covers the
-#    weights as read (see _backbones.check_fingerprint). Versions 1 and 2 still load.
+#    weights as read (see _backbones.check_fingerprint). GreedyCoresetSampler keeps
+#    what partial_fit needs: coreset_ (an array that is also the detector's
+#    memory_bank_ is stored once), projection_ (when there is one) and
+#    n_vectors_seen_; in earlier files a pipeline's sampler takes the detector's bank
+#    (the same vectors) when loaded. Versions 1 and 2 still load.
 FORMAT_VERSION = 3
 
 _MARKER = "skpatchcore-model"
@@ -104,14 +108,18 @@ _SCALARS = {
         "n_channels_",
         "n_features_out_",
     ),
-    GreedyCoresetSampler: ("n_features_in_", "n_patches_seen_"),
+    GreedyCoresetSampler: ("n_features_in_", "n_patches_seen_", "n_vectors_seen_"),
     PatchCoreDetector: ("device_", "n_features_in_", "offset_", "threshold_"),
 }
 _ARRAY_DTYPES = {
     PatchFeatureTransformer: {},
-    GreedyCoresetSampler: {"sample_indices_": "int64"},
+    GreedyCoresetSampler: {"sample_indices_": "int64", "coreset_": "float32", "projection_": "float32"},
     PatchCoreDetector: {"memory_bank_": "float32", "calibration_scores_": "float32"},
 }
+# Arrays a file may lack: a sampler without a projection (or fitted by skpatchcore
+# 0.1, then saved); scalars that files before ``FORMAT_VERSION`` 3 lack.
+_OPTIONAL_ARRAYS = {GreedyCoresetSampler: {"coreset_", "projection_"}}
+_SCALARS_SINCE_3 = {"n_vectors_seen_"}
 # Rebuilt on load rather than stored.
 _REBUILT = {PatchFeatureTransformer: {"backbone_"}, GreedyCoresetSampler: set(), PatchCoreDetector: set()}
 
@@ -168,7 +176,7 @@ def save(model, path) -> None:
     >>> bool((load(path).score_samples(train) == detector.score_samples(train)).all())
     True
     """
-    arrays: dict[str, np.ndarray] = {}
+    arrays = _Arrays()
     backbone_state: dict[str, torch.Tensor] = {}
     if isinstance(model, Pipeline):
         description = _describe_pipeline(model, arrays, backbone_state)
@@ -177,7 +185,7 @@ def save(model, path) -> None:
         description = {"type": "estimator", "estimator": entry}
     from safetensors.numpy import save as save_arrays
 
-    members = {_MARKER: _MARKER_TEXT, _ARRAYS: save_arrays(arrays)}
+    members = {_MARKER: _MARKER_TEXT, _ARRAYS: save_arrays(arrays.stored)}
     if backbone_state:
         from safetensors.torch import save as save_tensors
 
@@ -237,19 +245,38 @@ def _versions() -> dict:
     }
 
 
-def _describe_pipeline(model: Pipeline, arrays: dict, backbone_state: dict) -> dict:
+class _Arrays:
+    """The arrays a file stores, each once: an array object given again (a sampler's
+    ``coreset_`` that is its detector's ``memory_bank_``) keeps its first key."""
+
+    def __init__(self):
+        self.stored: dict[str, np.ndarray] = {}
+        self._keys: dict[int, str] = {}
+
+    def add(self, key: str, value: np.ndarray) -> str:
+        """Store ``value`` under ``key``, or return the key it is already stored under."""
+        if id(value) in self._keys:
+            return self._keys[id(value)]
+        self.stored[key] = np.ascontiguousarray(value)
+        self._keys[id(value)] = key
+        return key
+
+
+def _describe_pipeline(model: Pipeline, arrays: _Arrays, backbone_state: dict) -> dict:
     if type(model) not in _PIPELINE_CLASSES:
         raise TypeError(
             f"save() stores a Pipeline or PatchCorePipeline; got the subclass {type(model).__name__}."
         )
     check_is_fitted(model)
     steps = []
-    for position, (name, step) in enumerate(model.steps):
+    # Last step first: an array shared with an earlier step (the coreset step's
+    # coreset_, which is the detector's memory_bank_) is stored under the later key.
+    for position, (name, step) in reversed(list(enumerate(model.steps))):
         if step is None or step == "passthrough":
-            steps.append({"name": name, "passthrough": True})
+            steps.insert(0, {"name": name, "passthrough": True})
             continue
         entry = _describe_estimator(step, f"steps.{position}", arrays, backbone_state)
-        steps.append({"name": name, "estimator": entry})
+        steps.insert(0, {"name": name, "estimator": entry})
     params = model.get_params(deep=False)
     del params["steps"]
     # A joblib.Memory is kept as its folder: the cache is not part of the model.
@@ -262,7 +289,7 @@ def _describe_pipeline(model: Pipeline, arrays: dict, backbone_state: dict) -> d
     }
 
 
-def _describe_estimator(estimator, prefix: str, arrays: dict, backbone_state: dict) -> dict:
+def _describe_estimator(estimator, prefix: str, arrays: _Arrays, backbone_state: dict) -> dict:
     """The manifest entry of one fitted estimator; its arrays and backbone tensors go under ``prefix``."""
     cls = type(estimator)
     if _CLASSES.get(cls.__name__) is not cls:
@@ -296,11 +323,12 @@ def _describe_estimator(estimator, prefix: str, arrays: dict, backbone_state: di
     fitted = {name: _encode_fitted(state[name]) for name in _SCALARS[cls]}
     stored_arrays = {}
     for name, dtype in _ARRAY_DTYPES[cls].items():
-        value = np.ascontiguousarray(state[name])
+        value = state.get(name)
+        if value is None and name in _OPTIONAL_ARRAYS.get(cls, ()):
+            continue
         if value.dtype != np.dtype(dtype):
             raise TypeError(f"{cls.__name__}.{name} should be {dtype}; got {value.dtype}.")
-        key = f"{prefix}.{name}"
-        arrays[key] = value
+        key = arrays.add(f"{prefix}.{name}", value)
         stored_arrays[name] = {"key": key, "dtype": dtype, "shape": list(value.shape)}
     return {
         "class": cls.__name__,
@@ -406,7 +434,7 @@ def load(path, *, backbone: nn.Module | None = None, device=None):
     manifest = members.pop(_MANIFEST)
     arrays = _read_arrays(members.get(_ARRAYS), shown)
     tensors = _read_backbone_state(members.get(_BACKBONE), shown)
-    loader = _Loader(shown, arrays, tensors, backbone, target)
+    loader = _Loader(shown, arrays, tensors, backbone, target, manifest["format_version"])
     description = _field(manifest, "model", dict, shown)
     kind = _field(description, "type", str, shown)
     if kind == "estimator":
@@ -599,9 +627,11 @@ def _decode(value, shown: str):
 class _Loader:
     """Builds estimators from manifest entries, taking their arrays as it goes."""
 
-    def __init__(self, shown, arrays, backbone_state, backbone, device):
+    def __init__(self, shown, arrays, backbone_state, backbone, device, version: int):
         self.shown = shown
+        self.version = version
         self.arrays = dict(arrays)
+        self.used: set[str] = set()
         self.backbone_state = dict(backbone_state or {})
         self.backbone = backbone
         self.device = device
@@ -625,6 +655,7 @@ class _Loader:
             model._validate_steps()
         except (TypeError, ValueError) as error:
             self.fail(f"describes an invalid pipeline: {_first_line(error)}")
+        model._share_bank()  # files before version 3: the coreset step takes the detector's bank
         return model
 
     def estimator(self, entry: dict):
@@ -648,7 +679,11 @@ class _Loader:
         except (TypeError, ValueError) as error:
             self.fail(f"holds invalid parameters for {name}: {_first_line(error)}")
         fitted = _field(entry, "fitted", dict, self.shown)
-        missing = [key for key in _SCALARS[cls] if key not in fitted]
+        missing = [
+            key
+            for key in _SCALARS[cls]
+            if key not in fitted and not (self.version < 3 and key in _SCALARS_SINCE_3)
+        ]
         if missing:
             self.fail(f"lacks the fitted attribute(s) {missing} of {name}.")
         arrays = self._take_arrays(cls, _field(entry, "arrays", dict, self.shown))
@@ -688,17 +723,22 @@ class _Loader:
         return value
 
     def _take_arrays(self, cls, entries: dict) -> dict[str, np.ndarray]:
-        if set(entries) != set(_ARRAY_DTYPES[cls]):
+        expected, optional = set(_ARRAY_DTYPES[cls]), _OPTIONAL_ARRAYS.get(cls, set())
+        if not expected - optional <= set(entries) <= expected:
             self.fail(
-                f"lists arrays {sorted(entries)} for {cls.__name__}; expected {sorted(_ARRAY_DTYPES[cls])}."
+                f"lists arrays {sorted(entries)} for {cls.__name__}; expected {sorted(expected - optional)}"
+                + (f" and optionally {sorted(optional)}." if optional else ".")
             )
         taken = {}
         for name, dtype in _ARRAY_DTYPES[cls].items():
+            if name not in entries:
+                continue
             record = _field(entries, name, dict, self.shown)
             key = _field(record, "key", str, self.shown)
             if key not in self.arrays:
                 self.fail(f"lacks the array {key!r}.")
-            value = self.arrays.pop(key)
+            value = self.arrays[key]  # an array stored once for two estimators is theirs to share
+            self.used.add(key)
             if value.dtype != np.dtype(dtype) or list(value.shape) != record.get("shape"):
                 self.fail(
                     f"has array {key!r} of {value.dtype} {list(value.shape)}; the manifest says "
@@ -775,12 +815,24 @@ class _Loader:
         return extractor
 
     def _restore_coreset(self, estimator: GreedyCoresetSampler, fitted: dict, arrays: dict):
-        estimator.n_features_in_ = _positive_int(fitted["n_features_in_"])
+        n_features = estimator.n_features_in_ = _positive_int(fitted["n_features_in_"])
         estimator.n_patches_seen_ = _positive_int(fitted["n_patches_seen_"])
         indices = arrays["sample_indices_"]
         if indices.ndim != 1 or len(indices) == 0 or indices.min() < 0:
             raise ValueError("sample_indices_ must be a non-empty 1-D array of non-negative indices")
         estimator.sample_indices_ = indices
+        # Files from before version 3 did not count every vector seen (see _after_unpickle).
+        default = max(estimator.n_patches_seen_, int(indices.max()) + 1)
+        estimator.n_vectors_seen_ = _positive_int(fitted.get("n_vectors_seen_", default))
+        if "coreset_" in arrays:
+            coreset = arrays["coreset_"]
+            if coreset.shape != (len(indices), n_features) or not np.isfinite(coreset).all():
+                raise ValueError(f"coreset_ must be ({len(indices)}, {n_features}) finite values")
+            estimator.coreset_ = coreset
+            projection = arrays.get("projection_")
+            if projection is not None and (projection.ndim != 2 or len(projection) != n_features):
+                raise ValueError(f"projection_ must be ({n_features}, k); got {projection.shape}")
+            estimator.projection_ = projection
 
     def _restore_detector(self, estimator: PatchCoreDetector, fitted: dict, arrays: dict):
         estimator.n_features_in_ = _positive_int(fitted["n_features_in_"])
@@ -801,8 +853,9 @@ class _Loader:
         estimator._after_unpickle()  # rebuilds the search index on device_
 
     def check_everything_used(self):
-        if self.arrays:
-            self.fail(f"holds arrays {sorted(self.arrays)[:5]} that no estimator uses.")
+        unused = sorted(set(self.arrays) - self.used)
+        if unused:
+            self.fail(f"holds arrays {unused[:5]} that no estimator uses.")
         if self.backbone_state:
             self.fail(f"holds backbone weights {sorted(self.backbone_state)[:3]} that no estimator uses.")
 

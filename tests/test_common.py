@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-import skpatchcore._coreset
+import skpatchcore._coreset._sampler
 import skpatchcore._detector
 from skpatchcore import GreedyCoresetSampler, PatchCoreDetector
 
@@ -82,7 +82,7 @@ def labels_ignored(monkeypatch):
     def ignore(y, n_images):
         return None
 
-    monkeypatch.setattr(skpatchcore._coreset, "check_labels", ignore)
+    monkeypatch.setattr(skpatchcore._coreset._sampler, "check_labels", ignore)
     monkeypatch.setattr(skpatchcore._detector, "check_labels", ignore)
 
 

@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.plain import greedy_coreset
+from benchmarks.plain import greedy_coreset, greedy_coreset_continued
 from skpatchcore import GreedyCoresetSampler
-from skpatchcore._coreset import greedy_indices_cpu, greedy_indices_torch, project
-from skpatchcore.utils._bf16 import bf16_hardware, bf16_sums_in_float32
+from skpatchcore._coreset import _bounds, _exact, _nearest, _plain, _running
+from skpatchcore._coreset import _tuning as tuning
+from skpatchcore._coreset._exact import greedy_indices_cpu
+from skpatchcore._coreset._plain import greedy_indices_torch
+from skpatchcore._coreset._selection import project
+from skpatchcore.utils._bf16 import UNIT_ROUNDOFF, bf16_hardware, bf16_sums_in_float32
 
 from ._precision import bfloat16_settings
 from .conftest import textured_parts
@@ -30,11 +34,10 @@ def products(request, monkeypatch):
     """The bound's products in float32, then in bfloat16 (float32 sums): the
     package picks bfloat16 where the CPU has it; forced here, so both are tested
     on any machine (without the hardware, bfloat16 is only slower)."""
-    from skpatchcore import _coreset
 
     if request.param == "bfloat16" and not bf16_sums_in_float32():
         pytest.skip("torch's bfloat16 products here do not sum in float32")
-    monkeypatch.setattr(_coreset, "_LOW_PRECISION", request.param == "bfloat16")
+    monkeypatch.setattr(tuning, "LOW_PRECISION", request.param == "bfloat16")
     return request.param
 
 
@@ -43,11 +46,10 @@ def rows_storage(request, monkeypatch):
     """The bound's rows kept whole (small data), then made from the points a few
     rows at a time whenever read (as for large data: here blocks of a few dozen
     rows, so block edges fall everywhere)."""
-    from skpatchcore import _coreset
 
     if request.param == "streamed":
-        monkeypatch.setattr(_coreset, "_KEEP_ROWS_BYTES", 0)
-        monkeypatch.setattr(_coreset, "_STREAM_BYTES", 5000)
+        monkeypatch.setattr(tuning, "KEEP_ROWS_BYTES", 0)
+        monkeypatch.setattr(tuning, "STREAM_BYTES", 5000)
     return request.param
 
 
@@ -79,11 +81,10 @@ def test_narrow_batches_and_small_blocks_give_the_same_indices(
 ):
     """Batch edges (tau and its ties), bound rows split over blocks and points split
     over ranges (of a few dozen points) change nothing."""
-    from skpatchcore import _coreset
 
-    monkeypatch.setattr(_coreset, "_BATCH_WIDTH", width)
-    monkeypatch.setattr(_coreset, "_BLOCK_ROWS", block_rows)
-    monkeypatch.setattr(_coreset, "_PRODUCT_FLOATS", product_floats)
+    monkeypatch.setattr(tuning, "BATCH_WIDTH", width)
+    monkeypatch.setattr(tuning, "BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(tuning, "PRODUCT_FLOATS", product_floats)
     grid = np.stack(np.meshgrid(np.arange(25), np.arange(25)), axis=-1).reshape(-1, 2).astype(np.float32)
     duplicates = np.repeat(np.random.default_rng(6).normal(size=(90, 8)).astype(np.float32), 5, axis=0)
     for points in (grid, duplicates, clustered_points(1200, 16, seed=9)):
@@ -112,22 +113,21 @@ def test_far_apart_clusters_need_and_get_the_rounding_margin(offset, dims, produ
 def test_bfloat16_products_need_and_get_their_wider_margin(monkeypatch, offset):
     """With the float32 products' margin, bfloat16 products miss points that do get
     closer and the indices change; with their own margin they are the plain loop's."""
-    from skpatchcore import _coreset
 
-    monkeypatch.setattr(_coreset, "_LOW_PRECISION", True)
+    monkeypatch.setattr(tuning, "LOW_PRECISION", True)
     rng = np.random.default_rng(0)
     side = np.where(np.arange(3000) < 1500, offset, -offset)[:, None]
     points = (rng.normal(size=(3000, 16)) + side).astype(np.float32)
     starts = rng.choice(len(points), 10, replace=False)
     plain = greedy_coreset(points, 300, starts)
     np.testing.assert_array_equal(greedy_indices_cpu(points, 300, starts), plain)
-    margins = _coreset._LowBound.margins
+    margins = _bounds.LowBound.margins
 
     def float32_gamma(n_dims):
         _, slack, beta_s, beta_c = margins(n_dims)
-        return max(_coreset._GAMMA, 4 * (n_dims + 2) * _coreset._UNIT_ROUNDOFF), slack, beta_s, beta_c
+        return max(tuning.GAMMA, 4 * (n_dims + 2) * UNIT_ROUNDOFF), slack, beta_s, beta_c
 
-    monkeypatch.setattr(_coreset._LowBound, "margins", staticmethod(float32_gamma))
+    monkeypatch.setattr(_bounds.LowBound, "margins", staticmethod(float32_gamma))
     assert not np.array_equal(greedy_indices_cpu(points, 300, starts), plain)
 
 
@@ -135,12 +135,11 @@ def test_bfloat16_products_need_and_get_their_wider_margin(monkeypatch, offset):
 def test_very_wide_vectors_fall_back_to_float32_products(monkeypatch, mode):
     """From ~83,500 dimensions the bfloat16 margins' analysis no longer holds: the
     selection uses float32 products there, forced or not, rather than fail."""
-    from skpatchcore import _coreset
 
-    monkeypatch.setattr(_coreset, "_LOW_PRECISION", mode)
+    monkeypatch.setattr(tuning, "LOW_PRECISION", mode)
     points = np.random.default_rng(1).normal(size=(20, 90_000)).astype(np.float32)
     starts = np.arange(10)
-    assert _coreset._LowBound.margins(90_000)[0] > _coreset._LOW_MOST_GAMMA
+    assert _bounds.LowBound.margins(90_000)[0] > tuning.LOW_MOST_GAMMA
     np.testing.assert_array_equal(greedy_indices_cpu(points, 8, starts), greedy_coreset(points, 8, starts))
 
 
@@ -178,7 +177,6 @@ def test_torch_bfloat16_products_pass_the_check_where_they_are_used():
 
 def test_batches_switching_between_the_bounds_give_the_same_indices(monkeypatch, rows_storage):
     """Lowering batch by batch with either bound (as the timed choice may) changes nothing."""
-    from skpatchcore import _coreset
 
     picks = []
 
@@ -186,9 +184,9 @@ def test_batches_switching_between_the_bounds_give_the_same_indices(monkeypatch,
         picks.append(len(picks) % 2)
         return picks[-1]
 
-    monkeypatch.setattr(_coreset, "_low_precision", lambda: "measured")
-    monkeypatch.setattr(_coreset._Chooser, "pick", alternate)
-    monkeypatch.setattr(_coreset, "_BATCH_WIDTH", 40)
+    monkeypatch.setattr(_exact, "_low_precision", lambda: "measured")
+    monkeypatch.setattr(_exact._Chooser, "pick", alternate)
+    monkeypatch.setattr(tuning, "BATCH_WIDTH", 40)
     for points in (clustered_points(2000, 16, seed=2), np.random.default_rng(3).normal(size=(2000, 8))):
         points = points.astype(np.float32)
         starts = np.random.default_rng(4).choice(len(points), 10, replace=False)
@@ -200,14 +198,13 @@ def test_batches_switching_between_the_bounds_give_the_same_indices(monkeypatch,
 
 
 def test_the_faster_bound_is_taken_and_the_other_tried_less_often(monkeypatch):
-    from skpatchcore import _coreset
 
-    monkeypatch.setattr(_coreset, "_PROBE_EVERY", 2)
-    chooser = _coreset._Chooser(2)
-    big, ok = _coreset._LOW_MIN_ROWS, 0.01
-    after = _coreset._LOW_AFTER
+    monkeypatch.setattr(tuning, "PROBE_EVERY", 2)
+    chooser = _exact._Chooser(2)
+    big, ok = tuning.LOW_MIN_ROWS, 0.01
+    after = tuning.LOW_AFTER
     # small batches, wide margins and the first picks stay in float32, untimed
-    for args in ((big - 1, ok, after), (big, 10 * _coreset._LOW_MAX_SPREAD, after), (big, ok, after - 1)):
+    for args in ((big - 1, ok, after), (big, 10 * tuning.LOW_MAX_SPREAD, after), (big, ok, after - 1)):
         assert chooser.pick(*args) == 0
         chooser.record(0, big, 0.0, 1.0)
     assert chooser.costs == [None, None]
@@ -272,22 +269,20 @@ def test_blocked_distances_are_bit_identical_to_one_pass(monkeypatch):
     """Rows split into blocks over threads give the same bits as one pass."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from skpatchcore import _coreset
-
     points = clustered_points(2500, 24, seed=7)
     starts = np.random.default_rng(3).choice(len(points), 10, replace=False)
-    monkeypatch.setattr(_coreset, "_ROW_BLOCK", 97)  # uneven blocks, a short last one
-    monkeypatch.setattr(_coreset, "_PAIR_BLOCK", 37)  # exact pair distances: uneven pieces
-    monkeypatch.setattr(_coreset, "_PAIR_CHUNK", 101)  # candidate pairs bounded a few at a time
+    monkeypatch.setattr(tuning, "ROW_BLOCK", 97)  # uneven blocks, a short last one
+    monkeypatch.setattr(tuning, "PAIR_BLOCK", 37)  # exact pair distances: uneven pieces
+    monkeypatch.setattr(tuning, "PAIR_CHUNK", 101)  # candidate pairs bounded a few at a time
     with ThreadPoolExecutor(max_workers=3) as pool:
-        blocked = _coreset.initial_distances(points, starts, pool)
+        blocked = _plain.initial_distances(points, starts, pool)
         rows = np.random.default_rng(4).permutation(len(points))[:1000]
-        blocked_rows = _coreset._distances_to(points[rows], points[5], pool)
-    assert blocked.tobytes() == _coreset.initial_distances(points, starts).tobytes()
-    assert blocked_rows.tobytes() == _coreset.row_distances(points[rows], points[5]).tobytes()
+        blocked_rows = _plain.distances_to(points[rows], points[5], pool)
+    assert blocked.tobytes() == _plain.initial_distances(points, starts).tobytes()
+    assert blocked_rows.tobytes() == _plain.row_distances(points[rows], points[5]).tobytes()
     # start distances of a few rows alone, as the lazy start works them out
     for some in (rows[:1], rows[:7], np.sort(rows)):
-        alone = _coreset._mean_start_distances(points[some], points[starts])
+        alone = _plain.mean_start_distances(points[some], points[starts])
         assert alone.tobytes() == blocked[some].tobytes()
     for fraction in (0.01, 0.2):  # the whole loop, with every exact pass in blocks
         n_select = int(len(points) * fraction)
@@ -333,12 +328,11 @@ def test_flushed_subnormals_give_the_plain_loops_indices(
 @pytest.mark.parametrize("dense_fraction", [0.0, 0.01, 0.05, 1.0])
 def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, dense_fraction, products):
     """A centre whose candidate list would be long checks all points instead; same result."""
-    from skpatchcore import _coreset
 
-    monkeypatch.setattr(_coreset, "_DENSE_FRACTION", dense_fraction)
-    monkeypatch.setattr(_coreset, "_PRODUCT_FLOATS", 20000)  # several ranges of points per block
+    monkeypatch.setattr(tuning, "DENSE_FRACTION", dense_fraction)
+    monkeypatch.setattr(tuning, "PRODUCT_FLOATS", 20000)  # several ranges of points per block
     seen = []
-    real = _coreset._candidates
+    real = _exact.candidates
 
     def candidates(rows, bound, work, dense):
         for found in real(rows, bound, work, dense):
@@ -347,7 +341,7 @@ def test_centres_checked_against_every_point_give_the_same_indices(monkeypatch, 
             yield found
         seen.append(dense.copy())
 
-    monkeypatch.setattr(_coreset, "_candidates", candidates)
+    monkeypatch.setattr(_exact, "candidates", candidates)
     points = clustered_points(3000, 16, seed=8)
     starts = np.random.default_rng(5).choice(len(points), 10, replace=False)
     for n_select in (30, 300):
@@ -380,16 +374,15 @@ INTERVAL_CASES = [
 
 
 def _recorded_start_intervals(monkeypatch, points, starts):
-    from skpatchcore import _coreset
 
     seen = []
-    real = _coreset._Running.bound
+    real = _running.Running.bound
 
     def record(self, *args):
         real(self, *args)
         seen.append((self.start_lo.copy(), self.min_dist.copy()))
 
-    monkeypatch.setattr(_coreset._Running, "bound", record)
+    monkeypatch.setattr(_running.Running, "bound", record)
     greedy_indices_cpu(points, 1, starts)
     return seen
 
@@ -407,11 +400,10 @@ def _recorded_start_intervals(monkeypatch, points, starts):
 )
 def test_start_distance_intervals_hold_the_plain_loops_values(monkeypatch, points, rows_storage):
     """The lazy start's [lo, hi] holds each point's exact start distance, and is narrow."""
-    from skpatchcore import _coreset
 
     starts = np.random.default_rng(6).choice(len(points), 10, replace=False)
     ((lo, hi),) = _recorded_start_intervals(monkeypatch, points, starts)
-    exact = _coreset.initial_distances(points, starts).astype(np.float32)
+    exact = _plain.initial_distances(points, starts).astype(np.float32)
     assert lo.dtype == hi.dtype == np.float32
     assert np.all(lo <= exact) and np.all(exact <= hi)
     # (~4e-4 wide at 128 dims, 1.2e-3 at 1024: the margins grow with the dimension)
@@ -429,9 +421,8 @@ def test_extreme_magnitudes_work_out_every_start_distance_first(monkeypatch):
 def test_start_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
     """Exact start distances are worked out wherever an interval cannot decide: wide intervals
     (most points settled on the way), zero-width ones and a low end of 0 all keep the indices."""
-    from skpatchcore import _coreset
 
-    real = _coreset._Running.bounds
+    real = _running.Running.bounds
     settled, exact = [], {}
 
     def bounds(*args):
@@ -442,17 +433,17 @@ def test_start_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
             return np.zeros_like(lo), hi
         return exact["starts"], exact["starts"].copy()  # zero width, on the exact value
 
-    monkeypatch.setattr(_coreset._Running, "bounds", staticmethod(bounds))
-    real_settle = _coreset._Running.settle
+    monkeypatch.setattr(_running.Running, "bounds", staticmethod(bounds))
+    real_settle = _running.Running.settle
     monkeypatch.setattr(
-        _coreset._Running, "settle", lambda self, rows: settled.append(len(rows)) or real_settle(self, rows)
+        _running.Running, "settle", lambda self, rows: settled.append(len(rows)) or real_settle(self, rows)
     )
     for points in (
         clustered_points(2500, 16, seed=12),
         np.random.default_rng(9).normal(size=(2000, 32)).astype(np.float32),
     ):
         starts = np.random.default_rng(10).choice(len(points), 10, replace=False)
-        exact["starts"] = _coreset.initial_distances(points, starts).astype(np.float32)
+        exact["starts"] = _plain.initial_distances(points, starts).astype(np.float32)
         for n_select in (1, 25, 400):
             np.testing.assert_array_equal(
                 greedy_indices_cpu(points, n_select, starts), greedy_coreset(points, n_select, starts)
@@ -463,10 +454,8 @@ def test_start_intervals_of_any_width_give_the_same_indices(monkeypatch, widen):
 
 def _exact_pair_distances(points, rows, centres):
     """The plain loop's distance of each pair, one pair at a time."""
-    from skpatchcore._coreset import row_distances
-
     return np.array(
-        [row_distances(points[r : r + 1], points[c])[0] for r, c in zip(rows, centres)], np.float32
+        [_plain.row_distances(points[r : r + 1], points[c])[0] for r, c in zip(rows, centres)], np.float32
     )
 
 
@@ -475,23 +464,22 @@ def test_running_distances_give_the_running_minimum_once_settled(monkeypatch):
     intervals; all points' exact distances at once; settling along the way), a point's
     value is exact as soon as it is marked so, its interval always holds the plain
     running minimum, and settling gives that minimum bit for bit."""
-    from skpatchcore import _coreset
 
     points = clustered_points(600, 8, seed=13)
     starts = np.arange(10)
-    start = _coreset.initial_distances(points, starts).astype(np.float32)
+    start = _plain.initial_distances(points, starts).astype(np.float32)
     wide = (start * np.float32(0.9), start * np.float32(1.1))
     monkeypatch.setattr(
-        _coreset._Running, "bounds", staticmethod(lambda *args: (wide[0].copy(), wide[1].copy()))
+        _running.Running, "bounds", staticmethod(lambda *args: (wide[0].copy(), wide[1].copy()))
     )
-    running = _coreset._Running(points, starts)
+    running = _running.Running(points, starts)
     running.bound(None, None, None, None, None, None)
     truth = start.copy()
     rng = np.random.default_rng(14)
     for step in range(16):
         centre = int(rng.integers(len(points)))
         if step == 6:  # every point at once, as a centre checked densely
-            distances = _coreset.row_distances(points, points[centre])
+            distances = _plain.row_distances(points, points[centre])
             np.minimum(truth, distances, out=truth)
             running.lower_exact(distances)
         else:
@@ -516,7 +504,6 @@ def test_running_distances_give_the_running_minimum_once_settled(monkeypatch):
 
 
 def _recorded_pair_intervals(monkeypatch, points, starts, n_select):
-    from skpatchcore import _coreset
 
     seen = []
 
@@ -528,7 +515,7 @@ def _recorded_pair_intervals(monkeypatch, points, starts, n_select):
 
         return record
 
-    for bound in (_coreset._Bound, _coreset._LowBound):
+    for bound in (_bounds.Bound, _bounds.LowBound):
         monkeypatch.setattr(bound, "intervals", recorder(bound.intervals))
     indices = greedy_indices_cpu(points, n_select, starts)
     return indices, [np.concatenate(part) for part in zip(*seen)]
@@ -567,10 +554,9 @@ def test_pair_intervals_hold_the_plain_loops_distances(monkeypatch, points, prod
 def test_pair_intervals_of_any_width_give_the_same_indices(monkeypatch, widen, products):
     """Pairs' exact distances are worked out wherever an interval cannot decide: wide
     intervals (many worked out), zero-width ones and a low end of 0 all keep the indices."""
-    from skpatchcore import _coreset
 
     worked_out = []
-    real_pairs = _coreset._pair_distances
+    real_pairs = _running.pair_distances
 
     def pair_distances(points, rows, centres):
         worked_out.append(len(rows))
@@ -585,9 +571,9 @@ def test_pair_intervals_of_any_width_give_the_same_indices(monkeypatch, widen, p
         return exact, exact.copy()
 
     current = {}
-    monkeypatch.setattr(_coreset, "_pair_distances", pair_distances)
-    monkeypatch.setattr(_coreset._Bound, "intervals", intervals)
-    monkeypatch.setattr(_coreset._LowBound, "intervals", intervals)
+    monkeypatch.setattr(_running, "pair_distances", pair_distances)
+    monkeypatch.setattr(_bounds.Bound, "intervals", intervals)
+    monkeypatch.setattr(_bounds.LowBound, "intervals", intervals)
     counts = []
     for points in (
         clustered_points(2000, 16, seed=12),
@@ -608,10 +594,9 @@ def test_pair_intervals_of_any_width_give_the_same_indices(monkeypatch, widen, p
 def test_waiting_distances_are_worked_out_when_the_log_grows(monkeypatch, products):
     """Far outliers widen every interval, so many distances wait; past a size the
     log is worked out at once, with the same indices."""
-    from skpatchcore import _coreset
 
     flushes, lowering = [], []
-    real_settle, real_lower = _coreset._Running.settle, _coreset._Running.lower_pairs
+    real_settle, real_lower = _running.Running.settle, _running.Running.lower_pairs
 
     def settle(self, rows):
         if lowering and len(rows):  # worked out from inside lower_pairs: the log was full
@@ -625,10 +610,10 @@ def test_waiting_distances_are_worked_out_when_the_log_grows(monkeypatch, produc
         finally:
             lowering.pop()
 
-    monkeypatch.setattr(_coreset._Running, "settle", settle)
-    monkeypatch.setattr(_coreset._Running, "lower_pairs", lower_pairs)
-    monkeypatch.setattr(_coreset, "_LOG_POINTS", 1)
-    monkeypatch.setattr(_coreset, "_PAIR_CHUNK", 50)
+    monkeypatch.setattr(_running.Running, "settle", settle)
+    monkeypatch.setattr(_running.Running, "lower_pairs", lower_pairs)
+    monkeypatch.setattr(tuning, "LOG_POINTS", 1)
+    monkeypatch.setattr(tuning, "PAIR_CHUNK", 50)
     rng = np.random.default_rng(15)
     points = rng.normal(size=(3000, 4)).astype(np.float32)
     points[:5] *= 1e4  # a few far outliers: the bound's centre and margins move
@@ -669,6 +654,95 @@ def test_fast_loop_matches_plain_loop_on_real_patch_features(lite_features, prod
         np.testing.assert_array_equal(
             greedy_indices_cpu(projected, n_select, starts), greedy_coreset(projected, n_select, starts)
         )
+
+
+# --------------------------------------------------------------------------
+# A selection continued from fixed centres (what partial_fit runs)
+# --------------------------------------------------------------------------
+
+
+def _split_cases():
+    """(centres, new points) pairs: ordinary, clustered, duplicates of the centres, a grid,
+    far from the origin and of extreme magnitudes."""
+    rng = np.random.default_rng(20)
+    gaussian = rng.normal(size=(3000, 16)).astype(np.float32)
+    clustered = clustered_points(3000, 32, seed=21)
+    repeated = np.repeat(rng.normal(size=(200, 8)).astype(np.float32), 6, axis=0)[rng.permutation(1200)]
+    grid = np.stack(np.meshgrid(np.arange(30), np.arange(30)), axis=-1).reshape(-1, 2).astype(np.float32)
+    offset = (rng.normal(size=(2000, 8)) + 1e4).astype(np.float32)
+    tiny = (rng.normal(size=(2000, 8)) * 1e-12).astype(np.float32)
+    huge = (rng.normal(size=(2000, 8)) * 1e14).astype(np.float32)
+    return {
+        "gaussian": (gaussian[:400], gaussian[400:]),
+        "clustered": (clustered[:300], clustered[300:]),
+        # every new point equals some centre: all start at 0, ties everywhere
+        "duplicates-of-centres": (repeated[:600], repeated[600:]),
+        "grid": (grid[::3], grid),
+        "offset-1e4": (offset[:500], offset[500:]),
+        "scale-1e-12": (tiny[:500], tiny[500:]),
+        "scale-1e14": (huge[:500], huge[500:]),
+    }
+
+
+SPLIT_CASES = _split_cases()
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_nearest_centre_distances_are_the_plain_minimum_bit_for_bit(case, monkeypatch):
+    """The continued selection's start: each point's distance to the nearest centre,
+    bounded by products and worked out where the bound cannot decide, equals the
+    minimum of the plain loop's float32 distances exactly (in blocks of any size)."""
+    centres, points = SPLIT_CASES[case]
+    plain = np.min([_plain.row_distances(points, centre) for centre in centres], axis=0)
+    assert _nearest.nearest_distances(points, centres).tobytes() == plain.tobytes()
+    monkeypatch.setattr(tuning, "NEAREST_CENTRES", 37)
+    monkeypatch.setattr(tuning, "NEAREST_POINTS", 53)
+    monkeypatch.setattr(tuning, "PAIR_BLOCK", 11)
+    assert _nearest.nearest_distances(points, centres).tobytes() == plain.tobytes()
+
+
+def test_nearest_centre_distances_work_out_few_pairs():
+    """On ordinary data the bound leaves a handful of exact pairs per point, not every pair."""
+    centres, points = SPLIT_CASES["clustered"]
+    worked_out = []
+    real = _nearest._pair_distances
+
+    def counted(*args):
+        worked_out.append(len(args[1]))
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_nearest, "_pair_distances", counted)
+        _nearest.nearest_distances(points, centres)
+    assert 0 < sum(worked_out) < 5 * len(points)
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
+def test_a_selection_continued_from_centres_gives_the_plain_loops_indices(case, fraction, products):
+    centres, points = SPLIT_CASES[case]
+    n_select = max(1, int(len(points) * fraction))
+    with np.errstate(over="ignore", invalid="ignore"):
+        fast = greedy_indices_cpu(points, n_select, None, centres=centres)
+    np.testing.assert_array_equal(fast, greedy_coreset_continued(points, n_select, centres))
+
+
+def test_continued_selections_with_extreme_or_no_centres_run_the_plain_loop():
+    points = np.random.default_rng(22).normal(size=(400, 4)).astype(np.float32)
+    for centres in (np.full((30, 4), 3e38, np.float32), np.empty((0, 4), np.float32), points[:5]):
+        with np.errstate(over="ignore", invalid="ignore"):
+            fast = greedy_indices_cpu(points, 40, None, centres=centres)
+            np.testing.assert_array_equal(fast, greedy_coreset_continued(points, 40, centres))
+
+
+def test_torch_loop_continued_from_centres_agrees_with_numpy_loop(monkeypatch):
+    centres, points = SPLIT_CASES["clustered"]
+    monkeypatch.setattr(tuning, "NEAREST_CENTRES", 64)  # several blocks of centres
+    numpy_indices = greedy_indices_cpu(points, 80, None, centres=centres)
+    torch_indices = greedy_indices_torch(
+        torch.from_numpy(points), 80, None, centres=torch.from_numpy(centres)
+    )
+    np.testing.assert_array_equal(torch_indices, numpy_indices)
 
 
 def test_torch_loop_agrees_with_numpy_loop():

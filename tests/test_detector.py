@@ -182,3 +182,65 @@ def test_few_images_are_each_calibrated_against_all_the_others():
         others = np.delete(train, i, axis=0).reshape(-1, 12)
         expected.append(brute_force_distances(train[i].reshape(-1, 12), others).min(axis=1).max())
     np.testing.assert_allclose(detector.calibration_scores_, expected, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Growing the bank (partial_fit) and the out-of-fold search
+# --------------------------------------------------------------------------
+
+
+def test_partial_fit_appends_the_kept_patches_and_recalibrates_on_the_new_images():
+    train, more = random_features(6, seed=20), random_features(4, seed=21, shift=0.3)
+    mask = np.zeros(more.shape, dtype=bool)
+    mask[:, :, 0, :] = True  # the first column of every new image stays out
+    y = np.array([1, -1, 1, 1])
+    detector = PatchCoreDetector(device="cpu").fit(train)
+    old_bank, old_scores = detector.memory_bank_.copy(), detector.calibration_scores_.copy()
+    detector.partial_fit(np.ma.MaskedArray(more, mask=mask), y)
+    new_vectors = more[[0, 2, 3]][:, :, 1:].reshape(-1, 12)
+    np.testing.assert_array_equal(detector.memory_bank_, np.concatenate([old_bank, new_vectors]))
+    # the earlier scores stay; each new good image is scored against the grown bank without its own patches
+    np.testing.assert_array_equal(detector.calibration_scores_[:6], old_scores)
+    expected = []
+    for image in (0, 2, 3):
+        others = np.concatenate(
+            [old_bank, np.delete(more[[0, 2, 3]][:, :, 1:], [0, 2, 3].index(image), 0).reshape(-1, 12)]
+        )
+        expected.append(brute_force_distances(more[image].reshape(-1, 12), others).min(axis=1).max())
+    np.testing.assert_allclose(detector.calibration_scores_[6:], expected, rtol=1e-5)
+    assert detector.threshold_ == pytest.approx(max(*old_scores, *expected), rel=1e-6)
+    strict = PatchCoreDetector(contamination=0.2, device="cpu").fit(train).partial_fit(more)
+    assert strict.threshold_ == pytest.approx(np.quantile(strict.calibration_scores_, 0.8), rel=1e-6)
+
+
+def test_partial_fit_on_an_unfitted_detector_is_fit_and_refuses_other_features():
+    train = random_features(5, seed=22)
+    grown = PatchCoreDetector(device="cpu").partial_fit(train)
+    fitted = PatchCoreDetector(device="cpu").fit(train)
+    np.testing.assert_array_equal(grown.memory_bank_, fitted.memory_bank_)
+    assert grown.threshold_ == fitted.threshold_
+    with pytest.raises(
+        ValueError, match="X has 8 features per patch, but PatchCoreDetector was fitted with 12"
+    ):
+        grown.partial_fit(random_features(2, d=8))
+
+
+@pytest.mark.parametrize("reweight", [None, 3])
+def test_calibration_searches_a_large_bank_block_by_block_with_the_same_scores(monkeypatch, reweight):
+    """The out-of-fold bank is searched a block of vectors at a time (no copy of the rest of
+    the bank per fold); the scores are those of one search over the bank without the fold."""
+    from skpatchcore import _search
+
+    train = random_features(20, seed=23)
+    whole = PatchCoreDetector(reweight_neighbors=reweight, device="cpu").fit(train)
+    monkeypatch.setattr(_search, "_OUT_OF_FOLD_BLOCK", 37)  # 380 bank vectors: 11 blocks
+    blocks = PatchCoreDetector(reweight_neighbors=reweight, device="cpu").fit(train)
+    np.testing.assert_allclose(blocks.calibration_scores_, whole.calibration_scores_, rtol=1e-6)
+    bank = whole.memory_bank_
+    excluded = np.random.default_rng(24).random(len(bank)) < 0.3
+    queries = torch.from_numpy(random_features(2, seed=25).reshape(-1, 12))
+    squared, found = _search.OutOfFoldIndex(bank, excluded, torch.device("cpu"), False).search(queries, 4)
+    assert not excluded[found.numpy()].any()
+    exact = brute_force_distances(queries.numpy(), bank) ** 2
+    exact[:, excluded] = np.inf
+    np.testing.assert_allclose(squared.numpy(), np.sort(exact, axis=1)[:, :4], rtol=1e-4)

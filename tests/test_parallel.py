@@ -27,10 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 import joblib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from skpatchcore import ImageReadError, SkippedImagesWarning, make_patchcore
-from skpatchcore.parallel import score_paths
+from skpatchcore import ImageReadError, PatchCoreDetector, SkippedImagesWarning, make_patchcore
+from skpatchcore.parallel import fit_paths, score_paths
 
 from .conftest import textured_parts
 
@@ -246,3 +247,70 @@ def test_results_do_not_depend_on_the_batch_size_beyond_the_stated_tolerance(
     maps, scores = model.predict_map(X, return_scores=True)
     np.testing.assert_allclose(scores, reference_scores, rtol=SCORE_RTOL)
     assert np.abs(maps - reference_maps).max() <= MAP_TOL * reference_maps.max()
+
+
+# --------------------------------------------------------------------------
+# fit_paths
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def training_files(tmp_path_factory):
+    """Twelve good parts and two defective ones (positions 5 and 10), as PNG files."""
+    folder = tmp_path_factory.mktemp("train")
+    images = textured_parts(14, seed=9)
+    images[[5, 10]] = textured_parts(2, defect=True, seed=10)[0]
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(str(folder / f"{index:02d}.png"))
+        Image.fromarray(image).save(paths[-1])
+    return paths, np.where(np.isin(np.arange(14), [5, 10]), -1, 1)
+
+
+@pytest.mark.parametrize("strategy", ["stream", "exact"])
+def test_a_dask_cluster_fits_the_model_of_a_local_fit_with_the_same_chunks(training_files, strategy):
+    """Workers compute the chunks' features and coresets, the client reduces them: the very
+    model of a fit in this process with the same chunks (streamed: chunks of 3 good images;
+    exact: the workers compute all the features). Dask's workers run torch on one thread,
+    whose convolutions round differently (~1e-6): the local fit here does too."""
+    distributed = pytest.importorskip("distributed")
+    paths, y = training_files
+    settings = {"ratio": 0.1, "strategy": strategy, "chunk_size": 3 * 64, "random_state": 0, **SMALL}
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            worker_dashboard_address=None,
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        remote = fit_paths(make_patchcore(**settings), paths, y, client=client)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = make_patchcore(**settings).fit(paths, y)
+    finally:
+        torch.set_num_threads(threads)
+    _, sampler, detector = (step for _, step in remote.steps)
+    _, expected_sampler, expected = (step for _, step in local.steps)
+    np.testing.assert_array_equal(sampler.sample_indices_, expected_sampler.sample_indices_)
+    np.testing.assert_array_equal(detector.memory_bank_, expected.memory_bank_)
+    np.testing.assert_array_equal(detector.calibration_scores_, expected.calibration_scores_)
+    assert detector.threshold_ == expected.threshold_
+    assert sampler.coreset_ is detector.memory_bank_
+    assert not np.isin(sampler.sample_indices_ // 64, [5, 10]).any()
+    assert len(detector.memory_bank_) == int(0.1 * 12 * 64)
+
+
+def test_fit_paths_without_a_client_is_fit_and_refuses_other_models(training_files):
+    paths, _ = training_files
+    model = fit_paths(make_patchcore(ratio=0.1, random_state=0, **SMALL), paths[:4])
+    expected = make_patchcore(ratio=0.1, random_state=0, **SMALL).fit(paths[:4])
+    np.testing.assert_array_equal(model[-1].memory_bank_, expected[-1].memory_bank_)
+    with pytest.raises(TypeError, match="'model' parameter must be a PatchCorePipeline"):
+        fit_paths(PatchCoreDetector(), paths)
+    with pytest.raises(TypeError, match="'client' parameter must be a dask.distributed.Client"):
+        fit_paths(make_patchcore(**SMALL), paths, client=object())

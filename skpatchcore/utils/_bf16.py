@@ -1,6 +1,6 @@
 """bfloat16 products on the CPU: whether they can be used with proven error bounds.
 
-The coreset's bound (:class:`skpatchcore._coreset._LowBound`) and the exact
+The coreset's bound (:class:`skpatchcore._coreset._bounds.LowBound`) and the exact
 search's candidate filter (:class:`skpatchcore._search._LowPrecisionFilter`)
 run matrix products in bfloat16 where the CPU multiplies bfloat16 in hardware
 (AMX or AVX512-BF16: 4 to 8 times the float32 rate on our 2-core Xeon). Their
