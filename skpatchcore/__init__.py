@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from ._backbones import BackboneError, known_backbones
     from ._coreset import GreedyCoresetSampler
     from ._detector import PatchCoreDetector
+    from ._export import export_onnx
     from ._features import PatchFeatureTransformer
     from ._persistence import load, save
     from ._pipeline import PatchCorePipeline, make_patchcore
@@ -35,6 +36,7 @@ _LAZY = {
     "save": "._persistence",
     "PatchCorePipeline": "._pipeline",
     "make_patchcore": "._pipeline",
+    "export_onnx": "._export",
 }
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "PatchFeatureTransformer",
     "SkippedImagesWarning",
     "__version__",
+    "export_onnx",
     "known_backbones",
     "load",
     "make_patchcore",
