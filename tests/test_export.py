@@ -7,6 +7,7 @@ refuse a modified file, and run in a process where torch cannot be imported.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -25,6 +26,8 @@ from torch import nn
 import skpatchcore
 import skpatchcore._export as export_module
 from skpatchcore import ModelFileError, SkippedImagesWarning, export_onnx, make_patchcore, save
+from skpatchcore._demo import make_demo_dataset
+from skpatchcore.cli import main
 from skpatchcore.runtime import DIGEST_KEY, FLOAT_INPUT, METADATA_KEY, UINT8_INPUT, OnnxPatchCore
 
 from .conftest import textured_parts
@@ -426,3 +429,71 @@ def test_importing_the_runtime_and_the_image_reader_leaves_torch_out():
     command = [sys.executable, "-c", textwrap.dedent(script)]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plates(tmp_path_factory):
+    return make_demo_dataset(
+        tmp_path_factory.mktemp("data") / "plates", n_train=8, n_test_good=3, n_test_defect=2, size=128
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_models(plates, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    model, exported = folder / "plates.skpatchcore", folder / "plates.onnx"
+    fit = ["fit", str(plates), "-o", str(model), "--backbone", "efficientnet_lite0", "--image-size", "96"]
+    assert main([*fit, "--crop-size", "96", "-q"]) == 0
+    assert main(["export", str(model), "-o", str(exported), "-q"]) == 0
+    return model, exported
+
+
+def read_scores(path) -> dict:
+    with open(path, newline="") as stream:
+        return {row["path"]: row for row in csv.DictReader(stream)}
+
+
+def test_cli_export_then_predict_and_evaluate_without_torch(cli_models, plates, tmp_path):
+    model, exported = cli_models
+    test_images = str(plates / "test")
+    assert main(["predict", str(model), test_images, "-r", "--out", str(tmp_path / "torch"), "-q"]) == 0
+    assert main(["evaluate", str(model), str(plates), "--out", str(tmp_path / "torch-eval"), "-q"]) == 0
+    script = f"""
+        from skpatchcore.cli import main
+        status = main(["predict", {str(exported)!r}, {str(plates / "test")!r}, "-r", "--out", "onnx", "-q"])
+        status += main(["evaluate", {str(exported)!r}, {str(plates)!r}, "--out", "onnx-eval", "-q"])
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "faiss")], "torch was imported"
+        sys.exit(status)
+        """
+    result = run_without_torch(script, tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = read_scores(tmp_path / "torch" / "scores.csv")
+    got = read_scores(tmp_path / "onnx" / "scores.csv")
+    assert expected.keys() == got.keys()
+    for path, row in expected.items():
+        assert float(got[path]["anomaly_score"]) == pytest.approx(float(row["anomaly_score"]), rel=RTOL)
+        assert got[path]["label"] == row["label"]
+        assert (tmp_path / got[path]["overlay"]).is_file()
+    torch_metrics = json.loads((tmp_path / "torch-eval" / "metrics.json").read_text())
+    onnx_metrics = json.loads((tmp_path / "onnx-eval" / "metrics.json").read_text())
+    for metric in ("image_auroc", "pixel_auroc", "aupro"):
+        assert onnx_metrics[metric] == pytest.approx(torch_metrics[metric], abs=1e-3)
+    assert (tmp_path / "onnx-eval" / "report.png").is_file()
+
+
+def test_cli_export_mistakes_give_one_line(cli_models, tmp_path, capsys):
+    model, exported = cli_models
+    assert main(["export", str(exported), "-o", str(tmp_path / "x.onnx"), "-q"]) == 2
+    assert "is an ONNX file already" in capsys.readouterr().err
+    assert main(["export", str(model), "-o", str(tmp_path / "x.onnx"), "--input-size", "64x64", "-q"]) == 2
+    assert "leave input_size=None" in capsys.readouterr().err
+    (tmp_path / "fake.onnx").write_text("no")
+    Image.new("RGB", (96, 96)).save(tmp_path / "image.png")
+    assert main(["predict", str(tmp_path / "fake.onnx"), str(tmp_path / "image.png"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an ONNX file exported by skpatchcore" in err[0]
