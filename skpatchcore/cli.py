@@ -548,10 +548,12 @@ def build_parser(*, fit_defaults: bool = True) -> argparse.ArgumentParser:
     (they are resolved when ``fit`` runs), so that parsing another command
     does not import torch.
     """
+    defaults = {**dict.fromkeys(_FIT_DEFAULTS), "offline": ()}
     if fit_defaults:
-        defaults = _fit_defaults()
-    else:  # fit's options are then never used
-        defaults = {**dict.fromkeys(_FIT_DEFAULTS), "offline": ()}
+        try:
+            defaults = _fit_defaults()
+        except ImportError:  # a runtime-only installation: 'fit' says so when it runs
+            pass
     parser = argparse.ArgumentParser(
         prog=_PROG,
         description="PatchCore anomaly detection: fit on photos of good parts, then score new photos "
@@ -719,6 +721,19 @@ def _one_line(message) -> str:
     return " ".join(str(message).split())
 
 
+def _missing_dependency(error: ImportError, command: str) -> str:
+    """One line for a package that is not installed, saying what to do."""
+    name = getattr(error, "name", None)
+    if not isinstance(error, ModuleNotFoundError) or not name:
+        return _one_line(error)
+    package = name.split(".")[0]
+    return (
+        f"'{command}' needs the Python package '{package}', which is not installed here "
+        f"({_one_line(error)}). Without torch, 'predict' and 'evaluate' run exported .onnx models (made "
+        "by 'skpatchcore export' where skpatchcore is installed with its dependencies)."
+    )
+
+
 def _command_word(argv) -> str | None:
     """The sub-command named in ``argv`` (the first word that is not an option)."""
     words = sys.argv[1:] if argv is None else list(argv)
@@ -742,6 +757,11 @@ def main(argv=None) -> int:
             if args.traceback:
                 raise
             print(f"{_PROG}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        except ImportError as exc:  # a dependency missing, e.g. torch in a runtime-only install
+            if args.traceback:
+                raise
+            print(f"{_PROG}: error: {_missing_dependency(exc, args.command)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"{_PROG}: interrupted", file=sys.stderr)

@@ -366,7 +366,7 @@ BLOCK_TORCH = textwrap.dedent(
     class NotInstalled:
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in ("torch", "torchvision", "timm", "faiss"):
-                raise ImportError(f"No module named {name!r}")
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
     sys.meta_path.insert(0, NotInstalled())
     """
@@ -497,3 +497,28 @@ def test_cli_export_mistakes_give_one_line(cli_models, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "fake.onnx"), str(tmp_path / "image.png"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not an ONNX file exported by skpatchcore" in err[0]
+
+
+def test_without_torch_the_torch_commands_say_what_is_missing_in_one_line(cli_models, plates, tmp_path):
+    model, _ = cli_models
+    script = f"""
+        import contextlib, io
+        from skpatchcore.cli import main
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            statuses = [
+                main(["predict", {str(model)!r}, {str(plates / "test")!r}, "-r", "-q"]),
+                main(["fit", {str(plates)!r}, "-o", "m.skpatchcore", "-q"]),
+            ]
+        print(statuses)
+        print(err.getvalue(), end="")
+        """
+    result = run_without_torch(script, tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert "[2, 2]" in lines
+    errors = lines[lines.index("[2, 2]") + 1 :]
+    assert len(errors) == 2
+    for line in errors:
+        assert line.startswith("skpatchcore: error: ") and "needs the Python package 'torch'" in line
