@@ -93,13 +93,14 @@ __all__ = ["export_onnx"]
 
 # Bytes of (patch x bank vector) products held at once per image: a bank whose
 # products for one image's patches exceed this is searched in chunks by a Scan.
-_BANK_CHUNK_BYTES = 16 << 20
+_BANK_CHUNK_BYTES = 64 << 20
 # ONNX files are protobuf messages: they cannot exceed 2 GiB.
 _MAX_FILE_BYTES = 2**31 - 1
 # Largest relative difference between the file and the torch path in the
 # check after export (float32 rounding of differently ordered sums is ~1e-6).
 _CHECK_RTOL = 1e-3
 _EXPORT_HELP = "pip install onnx onnxscript onnxruntime"
+_MIN_OPSET = 18
 _PREFIX = "skpatchcore/"
 
 
@@ -179,8 +180,10 @@ def export_onnx(model, path, *, input_size=None, check: bool = True) -> None:
         graph = _FeatureGraph(features, size)
         feature_model = _export_features(graph, size, features.n_channels_)
     opset = next(o.version for o in feature_model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < _MIN_OPSET:  # the scoring nodes take their reduction axes as inputs
+        raise RuntimeError(f"torch exported opset {opset}; the scoring nodes need opset {_MIN_OPSET}+.")
     scoring = _ScoringGraph(detector, graph.grid, size)
-    merged = _assemble(onnx, feature_model, scoring, size, features.n_channels_, opset)
+    merged = _assemble(onnx, feature_model, scoring, size, features.n_channels_)
     meta = _metadata(features, detector, geometry, size, graph.grid)
     merged.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
     merged.metadata_props.add(key=DIGEST_KEY, value=DIGEST_PLACEHOLDER)
@@ -451,16 +454,20 @@ class _ScoringGraph:
         self.rows_operator = _axis_operator(grid[0], size[0], sigma, mode, "cpu")
         self.cols_operator = _axis_operator(grid[1], size[1], sigma, mode, "cpu")
 
-    def build(self, g: _Nodes, features: str, opset: int) -> tuple[str, str]:
+    def build(self, g: _Nodes, features: str) -> tuple[str, str]:
         """Add the nodes; return the names of the scores and the maps."""
         h, w = self.grid
         d = self.n_dims
         queries = g.op("Reshape", [features, g.const(np.array([-1, d], dtype=np.int64))], "queries")
         centred = g.op("Sub", [queries, g.const(self.mean[None, :], "bank_mean")], "centred")
-        bank = g.const(self.bank, "bank")
-        candidates = self._candidates(g, centred, bank, opset)
+        if self.n_bank <= self.chunk:
+            bank = g.const(self.bank, "bank")
+            candidates = self._candidates(g, centred, bank)
+        else:  # the bank is stored once, as the equal chunks the Scan takes
+            bank = g.const(self._chunks(self.bank, 0.0), "bank_chunks")
+            candidates = self._chunked_candidates(g, centred, bank)
         # Exact squared distances to the candidates: sum of squared differences.
-        near = g.op("Gather", [bank, candidates], "near", axis=0)  # (N, k, d)
+        near = self._rows(g, bank, candidates)  # (N, k, d)
         diff = g.op("Sub", [g.op("Unsqueeze", [centred, g.const(np.array([1], dtype=np.int64))]), near])
         squared = g.op("ReduceSum", [g.op("Mul", [diff, diff]), _axes(g, [2])], "squared", keepdims=0)
         if self.k > 1:  # back in order of the exact distances
@@ -480,18 +487,34 @@ class _ScoringGraph:
         maps = g.op("MatMul", [g.op("MatMul", [rows, grid]), cols], "maps")
         return scores, maps
 
-    def _candidates(self, g: _Nodes, centred: str, bank: str, opset: int) -> str:
-        """Indices (N, k) of the bank vectors with the smallest ``|y|^2 - 2 <x, y>``."""
+    def _chunks(self, values: np.ndarray, padding: float) -> np.ndarray:
+        """``values`` (n_bank, ...) cut into equal chunks (n_chunks, chunk, ...), the last one padded."""
+        n_chunks = -(-self.n_bank // self.chunk)
+        chunks = np.full((n_chunks * self.chunk, *values.shape[1:]), padding, dtype=values.dtype)
+        chunks[: self.n_bank] = values
+        return chunks.reshape(n_chunks, self.chunk, *values.shape[1:])
+
+    def _rows(self, g: _Nodes, bank: str, indices: str) -> str:
+        """Centred bank vectors at ``indices`` (any shape), with a last axis of d."""
         if self.n_bank <= self.chunk:
-            return self._smallest(g, centred, bank, g.const(self.sq_norms, "bank_sq_norms"), None)[1]
+            return g.op("Gather", [bank, indices], axis=0)
+        # (chunk, row in chunk) pairs for GatherND on the (n_chunks, chunk, d) bank.
+        size = g.const(np.array(self.chunk, dtype=np.int64))
+        last = g.const(np.array([-1], dtype=np.int64))
+        pairs = [g.op("Div", [indices, size]), g.op("Mod", [indices, size])]
+        pairs = g.op("Concat", [g.op("Unsqueeze", [p, last]) for p in pairs], axis=-1)
+        return g.op("GatherND", [bank, pairs])
+
+    def _candidates(self, g: _Nodes, centred: str, bank: str) -> str:
+        """Indices (N, k) of the bank vectors with the smallest ``|y|^2 - 2 <x, y>``."""
+        return self._smallest(g, centred, bank, g.const(self.sq_norms, "bank_sq_norms"), None)[1]
+
+    def _chunked_candidates(self, g: _Nodes, centred: str, bank: str) -> str:
+        """:meth:`_candidates` with the bank (n_chunks, chunk, d) searched one chunk at a time."""
         from onnx import TensorProto, helper
 
         n_chunks = -(-self.n_bank // self.chunk)
-        padded = n_chunks * self.chunk
-        chunks = np.zeros((padded, self.n_dims), dtype=np.float32)
-        chunks[: self.n_bank] = self.bank
-        norms = np.full(padded, 1e30, dtype=np.float32)  # padding rows: never a candidate
-        norms[: self.n_bank] = self.sq_norms
+        norms = self._chunks(self.sq_norms, 1e30)  # padding rows: never a candidate
         offsets = (np.arange(n_chunks, dtype=np.int64) * self.chunk).reshape(n_chunks, 1)
         body = _Nodes(g.prefix + "scan/")
         names = [body.name("chunk"), body.name("norms"), body.name("offset")]
@@ -515,11 +538,7 @@ class _ScoringGraph:
         )
         stacked_values, stacked_indices = g.op(
             "Scan",
-            [
-                g.const(chunks.reshape(n_chunks, self.chunk, self.n_dims), "bank_chunks"),
-                g.const(norms.reshape(n_chunks, self.chunk), "bank_chunk_sq_norms"),
-                g.const(offsets, "bank_chunk_offsets"),
-            ],
+            [bank, g.const(norms, "bank_chunk_sq_norms"), g.const(offsets, "bank_chunk_offsets")],
             "scan",
             n_outputs=2,
             body=graph,
@@ -565,8 +584,8 @@ class _ScoringGraph:
             return g.op("Cast", [name], to=TensorProto.DOUBLE)
 
         patch64 = as_double(centred)
-        neighbours = as_double(g.op("Gather", [bank, support], axis=0))  # (B, b, d)
-        nearest_vector = as_double(g.op("Gather", [bank, m_star], axis=0))  # (B, d)
+        neighbours = as_double(self._rows(g, bank, support))  # (B, b, d)
+        nearest_vector = as_double(self._rows(g, bank, m_star))  # (B, d)
         one = g.const(np.array([1], dtype=np.int64))
         diff = g.op("Sub", [g.op("Unsqueeze", [patch64, one]), neighbours])
         to_support = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [diff, diff]), _axes(g, [2])], keepdims=0)])
@@ -590,7 +609,7 @@ def _axes(g: _Nodes, axes: list[int]) -> str:
 # --------------------------------------------------------------------------
 
 
-def _assemble(onnx, feature_model, scoring: _ScoringGraph, size, n_channels: int, opset: int):
+def _assemble(onnx, feature_model, scoring: _ScoringGraph, size, n_channels: int):
     """One model: uint8 / float inputs -> features graph -> scoring nodes -> scores and maps."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -611,7 +630,7 @@ def _assemble(onnx, feature_model, scoring: _ScoringGraph, size, n_channels: int
         node = copy.deepcopy(node)
         node.input[:] = [concatenated if v == pixels_in else v for v in node.input]
         nodes.append(node)
-    scores, maps = scoring.build(g, features_out, opset)
+    scores, maps = scoring.build(g, features_out)
     nodes += g.nodes
     nodes.append(helper.make_node("Identity", [scores], [SCORES_OUTPUT]))
     nodes.append(helper.make_node("Identity", [maps], [MAPS_OUTPUT]))

@@ -70,8 +70,11 @@ _PROBE_SIZES = ((100, 100), (100, 300), (300, 100), (37, 1000), (2000, 1500))
 
 
 def digest_span(data: bytes) -> slice | None:
-    """Where the 64 hex characters of the checksum lie in a serialised file (None: absent)."""
-    at = data.find(_DIGEST_PREFIX)
+    """Where the 64 hex characters of the checksum lie in a serialised file (None: absent).
+
+    The metadata is serialised after the graph, so the last occurrence counts.
+    """
+    at = data.rfind(_DIGEST_PREFIX)
     if at < 0:
         return None
     start = at + len(_DIGEST_PREFIX)
@@ -132,8 +135,10 @@ class OnnxPatchCore:
         ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` (with
         ``onnxruntime-gpu``) or ``["OpenVINOExecutionProvider"]`` (with
         ``onnxruntime-openvino``). None runs on the CPU.
-    batch_size : int, default=4
-        Images per run of the graph.
+    batch_size : int or "auto", default="auto"
+        Images per run of the graph. ``"auto"``: 1 on the CPU (as fast per
+        image as larger batches, with the least memory), 8 when the first
+        provider is another device (a GPU).
     n_threads : int or None, default=None
         Threads of onnxruntime's intra-op pool; None lets onnxruntime choose
         (one per physical core).
@@ -176,17 +181,18 @@ class OnnxPatchCore:
     array([1])
     """
 
-    def __init__(self, path, *, providers=None, batch_size: int = 4, n_threads=None, session_options=None):
+    def __init__(self, path, *, providers=None, batch_size="auto", n_threads=None, session_options=None):
         onnxruntime = _onnxruntime()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"The 'batch_size' parameter must be a positive int; got {batch_size!r}.")
-        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)):
-            raise ValueError(f"The 'n_threads' parameter must be a positive int or None; got {n_threads!r}.")
-        if n_threads is not None and n_threads < 1:
+        if not (_positive_int(batch_size) or batch_size == "auto"):
+            raise ValueError(
+                f"The 'batch_size' parameter must be a positive int or 'auto'; got {batch_size!r}."
+            )
+        if not (n_threads is None or _positive_int(n_threads)):
             raise ValueError(f"The 'n_threads' parameter must be a positive int or None; got {n_threads!r}.")
         self.path = Path(path)
-        self.batch_size = batch_size
-        data = _read_verified(self.path)
+        # Checked block by block, then read by onnxruntime itself: the file's
+        # bytes are never held twice (a model with a large bank can be big).
+        _verify(self.path)
         if session_options is None:
             options = onnxruntime.SessionOptions()
             # Errors only: onnxruntime warns that the two inputs have default
@@ -198,12 +204,15 @@ class OnnxPatchCore:
             options.intra_op_num_threads = n_threads
         wanted = ["CPUExecutionProvider"] if providers is None else _check_providers(providers, onnxruntime)
         try:
-            self._session = onnxruntime.InferenceSession(data, options, providers=wanted)
+            self._session = onnxruntime.InferenceSession(os.fspath(self.path), options, providers=wanted)
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own error types
             raise ModelFileError(
                 f"onnxruntime cannot load {os.fspath(self.path)!r}: {_first_line(error)}"
             ) from None
         self.providers_ = self._session.get_providers()
+        if batch_size == "auto":
+            batch_size = 1 if self.providers_[0] == "CPUExecutionProvider" else 8
+        self.batch_size = batch_size
         self.metadata_ = _check_metadata(self._session, self.path)
         meta = self.metadata_
         self.geometry_ = Geometry(**{key: _tuples(value) for key, value in meta["geometry"].items()})
@@ -398,16 +407,53 @@ class OnnxPatchCore:
 # --------------------------------------------------------------------------
 
 
-def _read_verified(path: Path) -> bytes:
+# Bytes read at a time while checking a file (a model can be hundreds of MB).
+_BLOCK = 1 << 22
+
+
+def _stored_digest(stream) -> tuple[slice | None, bytes]:
+    """The checksum's place in the file and the file's first bytes, reading block by block."""
+    overlap = len(_DIGEST_PREFIX) + _DIGEST_LENGTH
+    head, tail, offset, found = b"", b"", 0, None
+    while block := stream.read(_BLOCK):
+        head = head or block[:4]
+        window = tail + block
+        span = digest_span(window)
+        if span is not None and span.stop <= len(window):
+            start = offset - len(tail) + span.start
+            found = slice(start, start + _DIGEST_LENGTH)
+        tail = window[-overlap:]
+        offset += len(block)
+    return found, head
+
+
+def _digest_of_file(stream, span: slice) -> tuple[str, str]:
+    """(SHA-256 of the file with the checksum zeroed, the checksum stored)."""
+    digest, offset, stored = hashlib.sha256(), 0, bytearray()
+    while block := stream.read(_BLOCK):
+        start, stop = max(span.start - offset, 0), min(span.stop - offset, len(block))
+        if start < stop:
+            stored += block[start:stop]
+            block = block[:start] + b"0" * (stop - start) + block[stop:]
+        digest.update(block)
+        offset += len(block)
+    return digest.hexdigest(), stored.decode("ascii", "replace")
+
+
+def _verify(path: Path) -> None:
+    """Check that ``path`` is an skpatchcore ONNX file whose bytes match its checksum."""
     shown = repr(os.fspath(path))
     if not path.exists():
         raise FileNotFoundError(f"The model file {shown} does not exist.")
     if not path.is_file():
         raise ModelFileError(f"The model {shown} is a folder, not an ONNX file written by skpatchcore.")
-    data = path.read_bytes()
-    span = digest_span(data)
+    with open(path, "rb") as stream:
+        span, head = _stored_digest(stream)
+        if span is not None:
+            stream.seek(0)
+            computed, stored = _digest_of_file(stream, span)
     if span is None:
-        if data[:4] == b"PK\x03\x04":
+        if head == b"PK\x03\x04":
             raise ModelFileError(
                 f"{shown} is a model file written by skpatchcore.save(), not an ONNX export; load it with "
                 "skpatchcore.load(), or export it with 'skpatchcore export MODEL -o model.onnx'."
@@ -416,13 +462,11 @@ def _read_verified(path: Path) -> bytes:
             f"{shown} is not an ONNX file exported by skpatchcore (it has no skpatchcore checksum); "
             "write one with skpatchcore.export_onnx() or 'skpatchcore export'."
         )
-    stored = data[span].decode("ascii", "replace")
-    if len(data) < span.stop or file_digest(data, span) != stored:
+    if computed != stored:
         raise ModelFileError(
             f"The ONNX file {shown} was modified or damaged: its bytes do not match the SHA-256 in its "
             f"metadata ({DIGEST_KEY}); export the model again."
         )
-    return data
 
 
 def _check_providers(providers, onnxruntime) -> list[str]:
@@ -483,6 +527,10 @@ def _check_metadata(session, path: Path) -> dict:
             f"{[SCORES_OUTPUT, MAPS_OUTPUT]} of an skpatchcore export."
         )
     return meta
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _tuples(value):

@@ -276,6 +276,18 @@ def test_a_modified_or_foreign_file_is_refused_with_one_line(case, message, fitt
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("block", [97, 4096])
+def test_the_checksum_is_checked_block_by_block(block, fitted, onnx_file, tmp_path, monkeypatch):
+    import skpatchcore.runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "_BLOCK", block)  # the checksum straddles blocks
+    assert OnnxPatchCore(onnx_file).threshold_ == fitted.named_steps["detector"].threshold_
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(change_a_bank_value(onnx_file.read_bytes(), fitted))
+    with pytest.raises(ModelFileError, match="was modified or damaged"):
+        OnnxPatchCore(path)
+
+
 def test_a_missing_file_and_a_folder_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         OnnxPatchCore(tmp_path / "nowhere.onnx")
@@ -341,7 +353,7 @@ def test_unreadable_images_can_be_skipped(onnx_file, parts, tmp_path):
 def test_bad_runtime_parameters_name_what_is_accepted(onnx_file):
     with pytest.raises(ValueError, match="'providers' parameter asks for .*NoSuchExecutionProvider"):
         OnnxPatchCore(onnx_file, providers=["NoSuchExecutionProvider"])
-    with pytest.raises(ValueError, match="'batch_size' parameter must be a positive int"):
+    with pytest.raises(ValueError, match="'batch_size' parameter must be a positive int or 'auto'"):
         OnnxPatchCore(onnx_file, batch_size=0)
     with pytest.raises(ValueError, match="'n_threads' parameter"):
         OnnxPatchCore(onnx_file, n_threads="two")
