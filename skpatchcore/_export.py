@@ -83,9 +83,9 @@ from .runtime import (
     METADATA_KEY,
     SCORES_OUTPUT,
     UINT8_INPUT,
-    digest_span,
-    file_digest,
-    fixed_input_size,
+    _digest_span,
+    _file_digest,
+    _fixed_input_size,
 )
 from .utils._images import Geometry
 
@@ -203,8 +203,8 @@ def export_onnx(model, path, *, input_size=None, check: bool = True) -> None:
             "(skpatchcore.save) with an approximate index (PatchCoreDetector(index='ivf'))."
         )
     data = bytearray(merged.SerializeToString())
-    span = digest_span(bytes(data))
-    data[span] = file_digest(bytes(data), span).encode()
+    span = _digest_span(bytes(data))
+    data[span] = _file_digest(bytes(data), span).encode()
     verify = (lambda written: _check_file(written, model)) if check else None
     _write_atomically(Path(path), bytes(data), verify)
 
@@ -243,7 +243,7 @@ def _check_pipeline(model) -> tuple[PatchFeatureTransformer, PatchCoreDetector]:
 
 
 def _check_input_size(input_size, geometry: Geometry) -> tuple[int, int]:
-    fixed = fixed_input_size(geometry)
+    fixed = _fixed_input_size(geometry)
     shown = (
         f"image_size={geometry.image_size!r}, crop_size={geometry.crop_size!r}, "
         f"resize_side={geometry.resize_side!r}"

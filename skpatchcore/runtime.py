@@ -15,9 +15,7 @@ Images are read exactly as the torch path reads them, by the same code
 graph as a batch: uint8 pixels as they are, 16-bit images and float arrays
 as float32 in ``[0, 1]``.
 
-The file format
----------------
-An ONNX model (opset 18 or later) with
+**The file format.** An ONNX model (opset 18 or later) with
 
 - inputs ``images``, uint8 of shape ``(batch, H, W, C)``, and ``pixels``,
   float32 of the same shape with values in ``[0, 1]``. Both are optional:
@@ -69,7 +67,7 @@ _ONNXRUNTIME_HELP = "pip install onnxruntime (or onnxruntime-gpu, onnxruntime-op
 _PROBE_SIZES = ((100, 100), (100, 300), (300, 100), (37, 1000), (2000, 1500))
 
 
-def digest_span(data: bytes) -> slice | None:
+def _digest_span(data: bytes) -> slice | None:
     """Where the 64 hex characters of the checksum lie in a serialised file (None: absent).
 
     The metadata is serialised after the graph, so the last occurrence counts.
@@ -81,7 +79,7 @@ def digest_span(data: bytes) -> slice | None:
     return slice(start, start + _DIGEST_LENGTH)
 
 
-def file_digest(data: bytes, span: slice) -> str:
+def _file_digest(data: bytes, span: slice) -> str:
     """SHA-256 of the file's bytes with the checksum's characters set to zeros."""
     digest = hashlib.sha256()
     digest.update(data[: span.start])
@@ -90,7 +88,7 @@ def file_digest(data: bytes, span: slice) -> str:
     return digest.hexdigest()
 
 
-def fixed_input_size(geometry: Geometry) -> tuple[int, int] | None:
+def _fixed_input_size(geometry: Geometry) -> tuple[int, int] | None:
     """The model input size every image reaches under ``geometry``, or None if it varies.
 
     A crop or an exact ``(height, width)`` resize gives one size whatever the
@@ -418,7 +416,7 @@ def _stored_digest(stream) -> tuple[slice | None, bytes]:
     while block := stream.read(_BLOCK):
         head = head or block[:4]
         window = tail + block
-        span = digest_span(window)
+        span = _digest_span(window)
         if span is not None and span.stop <= len(window):
             start = offset - len(tail) + span.start
             found = slice(start, start + _DIGEST_LENGTH)

@@ -174,6 +174,7 @@ RESULTS_ON_PAGES = {
     "user_guide/benchmarks": ["latest", "speed"],
     "user_guide/production": ["ann"],
     "user_guide/gpu": ["gpu"],
+    "user_guide/deploy": ["runtime"],
 }
 
 
