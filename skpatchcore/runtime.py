@@ -188,6 +188,7 @@ class OnnxPatchCore:
         if not (n_threads is None or _positive_int(n_threads)):
             raise ValueError(f"The 'n_threads' parameter must be a positive int or None; got {n_threads!r}.")
         self.path = Path(path)
+        self._arguments = {"providers": providers, "batch_size": batch_size, "n_threads": n_threads}
         # Checked block by block, then read by onnxruntime itself: the file's
         # bytes are never held twice (a model with a large bank can be big).
         _verify(self.path)
@@ -221,6 +222,17 @@ class OnnxPatchCore:
 
     def __repr__(self) -> str:
         return f"OnnxPatchCore({os.fspath(self.path)!r}, providers={self.providers_!r})"
+
+    # An onnxruntime session cannot be pickled: a pickled OnnxPatchCore (for
+    # joblib or Dask workers) holds its path and arguments, and opens (and
+    # checks) the file again where it is unpickled. ``session_options`` are not
+    # carried; a threshold set with set_threshold is.
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "arguments": self._arguments, "threshold": self.threshold_}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], **state["arguments"])
+        self.set_threshold(state["threshold"])
 
     def set_threshold(self, threshold: float) -> OnnxPatchCore:
         """Set the anomaly-score threshold used by :meth:`predict` (the file is left as it is).

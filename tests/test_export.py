@@ -193,6 +193,15 @@ def test_decisions_and_labels_follow_the_pipeline_and_its_threshold(fitted, onnx
     assert runtime.offset_ == -1e6
 
 
+def test_a_runtime_model_pickles_by_path_keeping_its_threshold(onnx_file, parts):
+    import pickle
+
+    runtime = OnnxPatchCore(onnx_file, n_threads=1).set_threshold(12.5)
+    copy = pickle.loads(pickle.dumps(runtime))
+    assert copy.threshold_ == 12.5 and copy.path == runtime.path
+    np.testing.assert_array_equal(copy.anomaly_score(parts[1]), runtime.anomaly_score(parts[1]))
+
+
 # --------------------------------------------------------------------------
 # The file: graph, metadata, checksum
 # --------------------------------------------------------------------------
