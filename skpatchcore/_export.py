@@ -168,6 +168,7 @@ def export_onnx(model, path, *, input_size=None, check: bool = True) -> None:
     features, detector = _check_pipeline(model)
     geometry: Geometry = features.geometry_
     size = _check_input_size(input_size, geometry)
+    _check_file_size(features, detector)
     if not (isinstance(detector.index, str) and detector.index == "flat"):
         warnings.warn(
             f"The detector searches its bank with the approximate index {detector.index!r}; the ONNX graph "
@@ -194,14 +195,6 @@ def export_onnx(model, path, *, input_size=None, check: bool = True) -> None:
         f"(uint8) or {FLOAT_INPUT!r} (float32 in [0, 1]), NHWC at {size[0]}x{size[1]}; outputs "
         f"{SCORES_OUTPUT!r} and {MAPS_OUTPUT!r}. Run it with skpatchcore.runtime.OnnxPatchCore."
     )
-    n_bytes = merged.ByteSize()
-    if n_bytes > _MAX_FILE_BYTES:
-        raise ValueError(
-            f"The exported model would take {n_bytes / 2**30:.2f} GiB, beyond the 2 GiB an ONNX file can "
-            f"hold; its memory bank has {len(detector.memory_bank_)} vectors of {detector.n_features_in_} "
-            "values. Refit with a smaller coreset ratio or target_dim, or deploy the pipeline itself "
-            "(skpatchcore.save) with an approximate index (PatchCoreDetector(index='ivf'))."
-        )
     data = bytearray(merged.SerializeToString())
     span = _digest_span(bytes(data))
     data[span] = _file_digest(bytes(data), span).encode()
@@ -240,6 +233,21 @@ def _check_pipeline(model) -> tuple[PatchFeatureTransformer, PatchCoreDetector]:
     check_is_fitted(features)
     check_is_fitted(detector)
     return features, detector
+
+
+def _check_file_size(features: PatchFeatureTransformer, detector: PatchCoreDetector) -> None:
+    """Refuse, before any work, a model whose file would exceed what an ONNX file can hold."""
+    bank = detector.memory_bank_
+    weights = sum(t.numel() * t.element_size() for t in features.backbone_.state_dict().values())
+    support = 8 * len(bank) * (detector.reweight_neighbors or 0)
+    n_bytes = bank.nbytes + weights + support
+    if n_bytes > _MAX_FILE_BYTES:
+        raise ValueError(
+            f"The exported model would take {n_bytes / 2**30:.2f} GiB, beyond the 2 GiB an ONNX file can "
+            f"hold (protobuf's limit); its memory bank has {bank.shape[0]} vectors of {bank.shape[1]} "
+            "values. Refit with a smaller coreset ratio or target_dim, or deploy the pipeline itself "
+            "(skpatchcore.save) with an approximate index (PatchCoreDetector(index='ivf'))."
+        )
 
 
 def _check_input_size(input_size, geometry: Geometry) -> tuple[int, int]:

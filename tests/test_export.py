@@ -337,6 +337,14 @@ def test_a_geometry_that_keeps_the_aspect_ratio_needs_an_input_size(parts, tmp_p
         export_onnx(make_patchcore(**SMALL).fit(parts[0]), tmp_path / "n.onnx", input_size=(32, 32))
 
 
+def test_a_model_too_large_for_one_onnx_file_is_refused_before_any_work(fitted, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "_MAX_FILE_BYTES", 100_000)  # ~2 GiB in real life
+    monkeypatch.setattr(export_module, "_export_features", None)  # never reached
+    with pytest.raises(ValueError, match="beyond the 2 GiB an ONNX file can hold.*index='ivf'"):
+        export_onnx(fitted, tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_graph_that_disagrees_with_the_pipeline_is_not_written(fitted, tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "_CHECK_RTOL", -1.0)
     with pytest.raises(RuntimeError, match="differ from the pipeline's"):
