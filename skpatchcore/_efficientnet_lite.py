@@ -13,6 +13,7 @@ unchanged and the activations are bit-for-bit timm's (tests compare both).
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -317,3 +318,76 @@ def fuse_relu6(model: nn.Module, keep=()) -> None:
             if len(inner) == 1 and type(inner[0]) is nn.ReLU6:
                 conv.relu6 = True
                 setattr(parent, act_name, nn.Identity())
+
+
+class StaticConv2d(nn.Module):
+    """A :class:`Conv2d` for a fixed input size, in plain operations: for export.
+
+    :class:`Conv2d` may run the private oneDNN fused call, and
+    :class:`SamePadConv2d` works its padding out from the input's shape in
+    ``forward``; both are eager-mode speed-ups that an exported graph should
+    not carry (traced, the shape arithmetic and in-place border fills become
+    hundreds of Shape, Range and Expand nodes). Here the padding is fixed when
+    the module is made, for the one input size the graph will see, and the
+    forward pass is a zero pad (folded into the convolution by the exporter),
+    the convolution and the ReLU6 clamp when the convolution had taken it
+    over. The values are the eager module's at that size.
+    """
+
+    def __init__(self, conv: Conv2d, padding: tuple[int, int, int, int]):
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
+        self.padding = padding  # (left, right, top, bottom), as F.pad takes it
+        self.relu6 = conv.relu6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.padding):
+            x = F.pad(x, self.padding)
+        x = F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.hardtanh(x, 0.0, 6.0) if self.relu6 else x
+
+
+def with_static_padding(model: nn.Module, probe: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose :class:`Conv2d` modules are :class:`StaticConv2d`.
+
+    ``probe`` is an input of the size the copy will be used at (its values do
+    not matter): one forward pass records the input size of every
+    convolution, from which the "same" padding is fixed. Modules other than
+    the package's :class:`Conv2d` (e.g. a torchvision ResNet's) are copied as
+    they are. Parameters are shared with ``model``, not copied.
+    """
+    sizes: dict[str, tuple[int, int]] = {}
+    convs = {name: module for name, module in model.named_modules() if isinstance(module, Conv2d)}
+
+    def recorder(name):
+        def record(module, inputs):
+            sizes[name] = tuple(inputs[0].shape[-2:])
+
+        return record
+
+    hooks = [module.register_forward_pre_hook(recorder(name)) for name, module in convs.items()]
+    try:
+        with torch.inference_mode():
+            model(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    memo = {id(p): p for p in model.parameters()} | {id(b): b for b in model.buffers()}
+    copied = copy.deepcopy(model, memo)
+    for name, conv in convs.items():
+        if name not in sizes:  # never ran at this size (after the last tapped stage)
+            continue
+        height, width = sizes[name]
+        if isinstance(conv, SamePadConv2d):
+            pad_h = _same_padding(height, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+            pad_w = _same_padding(width, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+            padding = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        else:
+            pad_h, pad_w = conv.padding
+            padding = (pad_w, pad_w, pad_h, pad_h)
+        parent_name, _, child = name.rpartition(".")
+        parent = copied.get_submodule(parent_name) if parent_name else copied
+        setattr(parent, child, StaticConv2d(conv, padding))
+    return copied

@@ -72,6 +72,7 @@ from ._features import PatchFeatureTransformer
 from ._pipeline import PatchCorePipeline
 from ._version import __version__
 from .utils._device import resolve_device
+from .utils._errors import ModelFileError
 from .utils._geometry import LEGACY_RESIZE_SIDE, Geometry
 
 __all__ = ["ModelFileError", "load", "save"]
@@ -122,14 +123,6 @@ _OPTIONAL_ARRAYS = {GreedyCoresetSampler: {"coreset_", "projection_"}}
 _SCALARS_SINCE_3 = {"n_vectors_seen_"}
 # Rebuilt on load rather than stored.
 _REBUILT = {PatchFeatureTransformer: {"backbone_"}, GreedyCoresetSampler: set(), PatchCoreDetector: set()}
-
-
-class ModelFileError(ValueError):
-    """A file given to :func:`load` is not a valid skpatchcore model file.
-
-    Raised for a foreign, truncated, damaged or modified file, or one written
-    in a newer format version; the message says which, on one line.
-    """
 
 
 # --------------------------------------------------------------------------

@@ -5,7 +5,12 @@
     skpatchcore fit DATA_DIR -o MODEL          fit on the good images of a folder
     skpatchcore predict MODEL IMAGES_OR_DIR    scores.csv and heat-map overlays
     skpatchcore evaluate MODEL DATA_DIR        metrics, metrics.json and report.png
+    skpatchcore export MODEL -o model.onnx     one ONNX file for torch-free deployment
     skpatchcore demo                           all of the above on generated data
+
+``predict`` and ``evaluate`` also take an exported ``.onnx`` model: they then
+run it with onnxruntime and never import torch (this module imports the torch
+stack only in the commands that need it).
 
 ``python -m skpatchcore`` is the same command. Mistakes in the input (a
 missing folder, a file that is not an image, a model file that is not ours,
@@ -28,15 +33,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import _report
-from ._backbones import OFFLINE_BACKBONES, BackboneError
-from ._coreset import GreedyCoresetSampler
 from ._demo import make_demo_dataset
-from ._features import PatchFeatureTransformer
-from ._persistence import ModelFileError, load, save
-from ._pipeline import PatchCorePipeline, make_patchcore
 from ._version import __version__
 from .datasets import _reworded, load_mvtec_category
 from .metrics import image_auroc, pixel_metrics
+from .utils._errors import ModelFileError
 from .utils._images import ImageReadError, SkippedImagesWarning, image_paths_in, open_image
 
 __all__ = ["main"]
@@ -46,9 +47,15 @@ _IMAGE_SUFFIXES = ".png, .jpg, .jpeg, .bmp, .tif, .tiff, .webp"
 _DEMO_BACKBONE = "efficientnet_lite0"
 _DEMO_MODEL_NAME = "model.skpatchcore"
 _DEMO_DATA_NAME = "synthetic_plates"
-# Errors that come from what the user gave us; anything else is a bug and
-# keeps its traceback.
-_USER_ERRORS = (ValueError, TypeError, OSError, ImageReadError, BackboneError)
+_ONNX_SUFFIX = ".onnx"
+_MODEL_HELP = (
+    "a model file written by 'fit' (load only files you trust), or an ONNX file written by 'export' "
+    "(run with onnxruntime, without torch)"
+)
+# Errors that come from what the user gave us (BackboneError and
+# ModelFileError are ValueErrors); anything else is a bug and keeps its
+# traceback.
+_USER_ERRORS = (ValueError, TypeError, OSError, ImageReadError)
 
 
 # --------------------------------------------------------------------------
@@ -56,19 +63,24 @@ _USER_ERRORS = (ValueError, TypeError, OSError, ImageReadError, BackboneError)
 # --------------------------------------------------------------------------
 
 
-def _save_model(model: PatchCorePipeline, path) -> None:
+def _save_model(model, path) -> None:
     """Write a fitted pipeline to ``path`` (creating its folder) with :func:`skpatchcore.save`."""
+    from ._persistence import save
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save(model, path)
 
 
-def _load_model(path) -> PatchCorePipeline:
+def _load_model(path):
     """Read a pipeline written by :func:`_save_model` with :func:`skpatchcore.load`.
 
     The file format holds no pickle, so loading cannot run code; a file that is not a model
     file, or is truncated, modified or of a newer format, is refused with a one-line error.
     """
+    from ._persistence import load
+    from ._pipeline import PatchCorePipeline
+
     model = load(path)
     if not isinstance(model, PatchCorePipeline):
         raise ModelFileError(
@@ -76,6 +88,20 @@ def _load_model(path) -> PatchCorePipeline:
             "written by 'skpatchcore fit'."
         )
     return model
+
+
+def _is_onnx(path) -> bool:
+    """Whether ``path`` names an exported ONNX model (by its suffix)."""
+    return Path(path).suffix.lower() == _ONNX_SUFFIX
+
+
+def _model_facts(model) -> tuple[float, object, int]:
+    """Threshold, fitted geometry and bit depth of a pipeline or an :class:`OnnxPatchCore`."""
+    named_steps = getattr(model, "named_steps", None)
+    if named_steps is None:  # skpatchcore.runtime.OnnxPatchCore
+        return model.threshold_, model.geometry_, model.bit_depth_
+    features = named_steps["features"]
+    return named_steps["detector"].threshold_, features.geometry_, features.bit_depth
 
 
 # --------------------------------------------------------------------------
@@ -158,7 +184,10 @@ def _images_to_predict(inputs, recursive: bool, check: bool = True) -> list[tupl
 # --------------------------------------------------------------------------
 
 
-def _fit(paths, params: dict, verbose: int) -> PatchCorePipeline:
+def _fit(paths, params: dict, verbose: int):
+    from ._backbones import OFFLINE_BACKBONES, BackboneError
+    from ._pipeline import make_patchcore
+
     backbone = params["backbone"]
     model = make_patchcore(**params, verbose=verbose)
     try:
@@ -173,7 +202,7 @@ def _fit(paths, params: dict, verbose: int) -> PatchCorePipeline:
     return model
 
 
-def _describe_fit(model: PatchCorePipeline) -> str:
+def _describe_fit(model) -> str:
     features, detector = model.named_steps["features"], model.named_steps["detector"]
     bank = detector.memory_bank_
     return (
@@ -183,15 +212,15 @@ def _describe_fit(model: PatchCorePipeline) -> str:
     )
 
 
-def _decisions(model: PatchCorePipeline, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _decisions(model, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``decision_function`` and ``predict`` values from anomaly scores, as the detector computes them."""
-    detector = model.named_steps["detector"]
-    decision = -scores - detector.offset_
+    threshold = _model_facts(model)[0]
+    decision = -scores + threshold
     return decision, np.where(decision >= 0, 1, -1)
 
 
 def _predict(
-    model: PatchCorePipeline,
+    model,
     images: list[tuple[str, str]],
     out: Path,
     verbose: int,
@@ -219,8 +248,7 @@ def _predict(
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     decision, labels = _decisions(model, scores)
-    features = model.named_steps["features"]
-    threshold = model.named_steps["detector"].threshold_
+    threshold, geometry, bit_depth = _model_facts(model)
     overlay_dir = out / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out / "scores.csv"
@@ -233,9 +261,7 @@ def _predict(
                 writer.writerow([image, "", "", "", "", skipped[index]])
                 continue
             overlay_path = overlay_dir / name
-            _report.write_overlay(
-                overlay_path, image, maps[index], features.geometry_, threshold, features.bit_depth
-            )
+            _report.write_overlay(overlay_path, image, maps[index], geometry, threshold, bit_depth)
             row = [
                 image,
                 repr(float(scores[index])),
@@ -248,7 +274,7 @@ def _predict(
     return csv_path, flagged, skipped
 
 
-def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) -> dict:
+def _evaluate(model, data_dir, out: Path, model_name: str) -> dict:
     """Metrics on an MVTec AD category; writes metrics.json, scores.csv and report.png under ``out``."""
     data = load_mvtec_category(_data_folder(data_dir))
     _check_readable(data.test_paths)
@@ -259,13 +285,11 @@ def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) ->
             f"Evaluating needs good and defective test images; {os.path.join(data.path, 'test')!r} holds "
             f"{n_good} good and {n_defective} defective images."
         )
-    features = model.named_steps["features"]
     maps, scores = model.predict_map(data.test_paths, return_scores=True)
     # Over the images' own pixels: maps taken back to each original image (see metrics.pixel_metrics).
     pixels = pixel_metrics(model, data.test_paths, data.test_mask_paths, maps=maps)
     decision, predicted = _decisions(model, scores)
-    threshold = model.named_steps["detector"].threshold_
-    geometry = features.geometry_
+    threshold, geometry, bit_depth = _model_facts(model)
 
     by_type = {}
     for defect_type in sorted(set(data.test_defect_types) - {"good"}):
@@ -320,8 +344,8 @@ def _evaluate(model: PatchCorePipeline, data_dir, out: Path, model_name: str) ->
         image_paths=data.test_paths,
         maps=maps,
         mask_paths=data.test_mask_paths,
-        geometry=features.geometry_,
-        bit_depth=features.bit_depth,
+        geometry=geometry,
+        bit_depth=bit_depth,
     )
     return metrics
 
@@ -361,7 +385,13 @@ def _verbosity(args) -> int:
     return 0 if args.quiet else 1
 
 
-def _loaded(path, verbose: int) -> PatchCorePipeline:
+def _loaded(path, verbose: int):
+    """The model in ``path``: a pipeline (torch), or for an ``.onnx`` file an
+    :class:`~skpatchcore.runtime.OnnxPatchCore` (onnxruntime, no torch)."""
+    if _is_onnx(path):
+        from .runtime import OnnxPatchCore
+
+        return OnnxPatchCore(path)
     model = _load_model(path)
     return model.set_params(features__verbose=verbose)
 
@@ -412,6 +442,24 @@ def _command_evaluate(args) -> None:
     _say(_metrics_table(metrics))
     for name in ("metrics.json", "report.png", "scores.csv"):
         _say(f"Wrote {out / name}")
+
+
+def _command_export(args) -> None:
+    from ._export import export_onnx
+
+    start = time.perf_counter()
+    if _is_onnx(args.model):
+        raise ValueError(f"{args.model!r} is an ONNX file already; give a model file written by 'fit'.")
+    model = _load_model(args.model)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, output, input_size=args.input_size, check=not args.no_check)
+    size_mb = output.stat().st_size / 2**20
+    _say(f"ONNX model written to {output} ({size_mb:.1f} MB, {time.perf_counter() - start:.1f} s)")
+    _say(
+        f"Run it without torch: 'skpatchcore predict {output} IMAGES', or in Python "
+        f"skpatchcore.runtime.OnnxPatchCore({os.fspath(output)!r})."
+    )
 
 
 def _command_demo(args) -> None:
@@ -479,9 +527,33 @@ def _layers(text: str) -> list[str]:
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``skpatchcore`` command."""
+_FIT_DEFAULTS = ("backbone", "weights", "image_size", "crop_size", "resize_side", "ratio")
+
+
+def _fit_defaults() -> dict:
+    """The package defaults that ``fit``'s options show (importing the estimators: torch)."""
+    from ._backbones import OFFLINE_BACKBONES
+    from ._coreset import GreedyCoresetSampler
+    from ._features import PatchFeatureTransformer
+
     features, coreset = PatchFeatureTransformer(), GreedyCoresetSampler()
+    defaults = {name: getattr(features, name) for name in _FIT_DEFAULTS if name != "ratio"}
+    return {**defaults, "ratio": coreset.ratio, "offline": OFFLINE_BACKBONES}
+
+
+def build_parser(*, fit_defaults: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of the ``skpatchcore`` command.
+
+    ``fit_defaults=False`` leaves the package defaults out of ``fit``'s options
+    (they are resolved when ``fit`` runs), so that parsing another command
+    does not import torch.
+    """
+    defaults = {**dict.fromkeys(_FIT_DEFAULTS), "offline": ()}
+    if fit_defaults:
+        try:
+            defaults = _fit_defaults()
+        except ImportError:  # a runtime-only installation: 'fit' says so when it runs
+            pass
     parser = argparse.ArgumentParser(
         prog=_PROG,
         description="PatchCore anomaly detection: fit on photos of good parts, then score new photos "
@@ -510,29 +582,29 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--output", metavar="MODEL", required=True, help="model file to write")
     fit.add_argument(
         "--backbone",
-        default=features.backbone,
+        default=defaults["backbone"],
         help=f"CNN backbone (default: %(default)s, downloads ImageNet weights once; "
-        f"{', '.join(OFFLINE_BACKBONES)} need no download)",
+        f"{', '.join(defaults['offline'])} need no download)",
     )
     fit.add_argument(
         "--layers", type=_layers, metavar="A,B", help="backbone layers to tap (default: the backbone's own)"
     )
     fit.add_argument(
         "--weights",
-        default=features.weights,
+        default=defaults["weights"],
         metavar="PATH",
         help="local state_dict file of the backbone, instead of the ImageNet weights (default: %(default)s)",
     )
     fit.add_argument(
         "--ratio",
         type=float,
-        default=coreset.ratio,
+        default=defaults["ratio"],
         help="share of training patches kept in the memory bank, in (0, 1] (default: %(default)s)",
     )
     fit.add_argument(
         "--image-size",
         type=_size,
-        default=features.image_size,
+        default=defaults["image_size"],
         metavar="N|HxW|none",
         help="resize the side chosen by --resize-side to N pixels, or to exactly HxW; none: keep it "
         "(default: %(default)s)",
@@ -540,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--crop-size",
         type=_size,
-        default=features.crop_size,
+        default=defaults["crop_size"],
         metavar="N|HxW|none",
         help="centre crop after resizing, padded with black where larger than the image; none inspects "
         "the whole resized image (default: %(default)s)",
@@ -548,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--resize-side",
         choices=["shorter", "longer"],
-        default=features.resize_side,
+        default=defaults["resize_side"],
         help="the side an --image-size N sets; 'longer' with --crop-size equal to N letterboxes: the "
         "whole part is kept and the short side padded (default: %(default)s)",
     )
@@ -565,9 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score images with a fitted model. Writes scores.csv (path, anomaly_score, decision, "
         "label: +1 good / -1 anomalous) and, per image, a heat-map overlay at the image's original size.",
     )
-    predict.add_argument(
-        "model", metavar="MODEL", help="a model file written by 'fit' (load only files you trust)"
-    )
+    predict.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     predict.add_argument(
         "images", metavar="IMAGES_OR_DIR", nargs="+", help="image files and/or folders of images"
     )
@@ -590,9 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a fitted model on the test images of an MVTec AD category folder: image AUROC, "
         "pixel AUROC and AUPRO on screen, plus metrics.json, scores.csv and a one-page report.png.",
     )
-    evaluate.add_argument(
-        "model", metavar="MODEL", help="a model file written by 'fit' (load only files you trust)"
-    )
+    evaluate.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     evaluate.add_argument(
         "data_dir", metavar="DATA_DIR", help="an MVTec AD category folder (test/ and ground_truth/)"
     )
@@ -600,6 +668,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="skpatchcore-evaluation", metavar="DIR", help="output folder (default: %(default)s)"
     )
     evaluate.set_defaults(handler=_command_evaluate)
+
+    export = commands.add_parser(
+        "export",
+        parents=[common],
+        help="write a fitted model as one ONNX file",
+        description="Export a model written by 'fit' as one self-contained ONNX file holding its whole "
+        "predict path (backbone, aggregation, nearest-neighbour search of the memory bank, maps) and its "
+        "threshold and geometry. 'predict' and 'evaluate' run such a file with onnxruntime, without torch; "
+        "in Python, skpatchcore.runtime.OnnxPatchCore does. Needs onnx, onnxscript and onnxruntime.",
+    )
+    export.add_argument("model", metavar="MODEL", help="a model file written by 'fit'")
+    export.add_argument("-o", "--output", metavar="ONNX", required=True, help="the .onnx file to write")
+    export.add_argument(
+        "--input-size",
+        type=_size,
+        metavar="HxW",
+        help="size of the images the file takes; needed only when the model keeps each image's aspect "
+        "ratio (no crop), else the fitted geometry sets it",
+    )
+    export.add_argument(
+        "--no-check",
+        action="store_true",
+        help="do not compare the written file with the model on two synthetic images",
+    )
+    export.set_defaults(handler=_command_export)
 
     demo = commands.add_parser(
         "demo",
@@ -628,9 +721,29 @@ def _one_line(message) -> str:
     return " ".join(str(message).split())
 
 
+def _missing_dependency(error: ImportError, command: str) -> str:
+    """One line for a package that is not installed, saying what to do."""
+    name = getattr(error, "name", None)
+    if not isinstance(error, ModuleNotFoundError) or not name:
+        return _one_line(error)
+    package = name.split(".")[0]
+    return (
+        f"'{command}' needs the Python package '{package}', which is not installed here "
+        f"({_one_line(error)}). Without torch, 'predict' and 'evaluate' run exported .onnx models (made "
+        "by 'skpatchcore export' where skpatchcore is installed with its dependencies)."
+    )
+
+
+def _command_word(argv) -> str | None:
+    """The sub-command named in ``argv`` (the first word that is not an option)."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    return next((word for word in words if not word.startswith("-")), None)
+
+
 def main(argv=None) -> int:
     """Run the ``skpatchcore`` command; return the exit status."""
-    parser = build_parser()
+    # Only 'fit' shows the package defaults, which takes importing torch.
+    parser = build_parser(fit_defaults=_command_word(argv) in (None, "fit"))
     args = parser.parse_args(argv)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -644,6 +757,11 @@ def main(argv=None) -> int:
             if args.traceback:
                 raise
             print(f"{_PROG}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        except ImportError as exc:  # a dependency missing, e.g. torch in a runtime-only install
+            if args.traceback:
+                raise
+            print(f"{_PROG}: error: {_missing_dependency(exc, args.command)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"{_PROG}: interrupted", file=sys.stderr)

@@ -175,6 +175,7 @@ RESULTS_ON_PAGES = {
     "user_guide/production": ["ann"],
     "user_guide/gpu": ["gpu"],
     "user_guide/growing": ["scaling"],
+    "user_guide/deploy": ["runtime"],
 }
 
 

@@ -7,6 +7,7 @@ _ORDER = (
     "plot_pipeline_grid_search.py",
     "plot_threshold.py",
     "plot_persistence.py",
+    "plot_deploy_onnx.py",
     "plot_compare_settings.py",
 )
 
