@@ -45,9 +45,12 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     Parameters
     ----------
-    n_neighbors : int, default=1
+    n_neighbors : int, default=5
         Number of nearest bank vectors whose distances are averaged into a
-        patch score (the paper uses 1).
+        patch score. The paper uses 1; 5 narrowed the largest shortfall
+        against the other implementations over the four data sets the
+        defaults were chosen on (Magnetic Tile's pixel AUROC; see the tuning
+        page), at a cost on BSData's AUPRO (0.790 -> 0.764).
     reweight_neighbors : int or None, default=None
         When set to ``b``, the image score ``s*`` of the most anomalous patch
         ``m_test`` with nearest bank vector ``m*`` is multiplied by
@@ -148,7 +151,7 @@ class PatchCoreDetector(VersionedPickleMixin, OutlierMixin, BaseEstimator):
 
     def __init__(
         self,
-        n_neighbors=1,
+        n_neighbors=5,
         *,
         reweight_neighbors=None,
         distance="euclidean",

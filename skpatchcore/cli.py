@@ -520,6 +520,18 @@ def _size(text: str):
     raise argparse.ArgumentTypeError(f"expected N, HEIGHTxWIDTH (e.g. 256x320) or 'none'; got {text!r}")
 
 
+def _crop(text: str):
+    """``--crop-size`` values: N, HEIGHTxWIDTH, auto or none."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _size(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected N, HEIGHTxWIDTH (e.g. 256x320), 'auto' or 'none'; got {text!r}"
+        ) from None
+
+
 def _layers(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -611,18 +623,20 @@ def build_parser(*, fit_defaults: bool = True) -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--crop-size",
-        type=_size,
+        type=_crop,
         default=defaults["crop_size"],
-        metavar="N|HxW|none",
-        help="centre crop after resizing, padded with black where larger than the image; none inspects "
-        "the whole resized image (default: %(default)s)",
+        metavar="N|HxW|auto|none",
+        help="centre crop after resizing, padded with black where larger than the image; auto: a box "
+        "shaped like the training images, of about N x N pixels for --image-size N, that every image "
+        "is fitted into whole; none inspects the whole resized image (default: %(default)s)",
     )
     fit.add_argument(
         "--resize-side",
-        choices=["shorter", "longer"],
+        choices=["shorter", "longer", "fit"],
         default=defaults["resize_side"],
         help="the side an --image-size N sets; 'longer' with --crop-size equal to N letterboxes: the "
-        "whole part is kept and the short side padded (default: %(default)s)",
+        "whole part is kept and the short side padded; 'fit' letterboxes into --crop-size itself "
+        "(with --image-size none); ignored with --crop-size auto (default: %(default)s)",
     )
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     fit.add_argument(

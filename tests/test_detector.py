@@ -25,6 +25,11 @@ def brute_force_distances(queries, bank):
     return np.sqrt(np.maximum(((q[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0))
 
 
+def nearest_mean(distances, k):
+    """Each row's mean distance to its ``k`` nearest bank vectors: a patch score."""
+    return np.sort(distances, axis=1)[:, :k].mean(axis=1)
+
+
 @pytest.mark.parametrize("distance", ["euclidean", "squared"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_image_score_is_the_largest_nearest_neighbour_distance(distance, k):
@@ -41,7 +46,8 @@ def test_image_score_is_the_largest_nearest_neighbour_distance(distance, k):
 def test_reweighting_follows_equation_7():
     train, test = random_features(8, d=6), random_features(4, d=6, seed=3, shift=0.5)
     b = 4
-    detector = PatchCoreDetector(reweight_neighbors=b, device="cpu").fit(train)
+    # eq. 7 is written for the nearest neighbour (n_neighbors=1, the paper's scores)
+    detector = PatchCoreDetector(n_neighbors=1, reweight_neighbors=b, device="cpu").fit(train)
     bank = train.reshape(-1, 6).astype(np.float64)
     expected = []
     for image in test.reshape(4, -1, 6).astype(np.float64):
@@ -86,7 +92,7 @@ def test_threshold_is_calibrated_on_out_of_fold_scores():
     expected = []
     for fold in folds:
         others = np.setdiff1d(np.arange(40), fold)
-        expected.extend(brute_force_distances(train[fold], train[others]).min(axis=1))
+        expected.extend(nearest_mean(brute_force_distances(train[fold], train[others]), detector.n_neighbors))
     np.testing.assert_allclose(detector.calibration_scores_, expected, rtol=1e-5)
     assert detector.threshold_ == pytest.approx(max(expected), rel=1e-5)
     strict = PatchCoreDetector(contamination=0.1, device="cpu").fit(train)
@@ -180,7 +186,8 @@ def test_few_images_are_each_calibrated_against_all_the_others():
     expected = []
     for i in range(6):
         others = np.delete(train, i, axis=0).reshape(-1, 12)
-        expected.append(brute_force_distances(train[i].reshape(-1, 12), others).min(axis=1).max())
+        distances = brute_force_distances(train[i].reshape(-1, 12), others)
+        expected.append(nearest_mean(distances, detector.n_neighbors).max())
     np.testing.assert_allclose(detector.calibration_scores_, expected, rtol=1e-5)
 
 
@@ -206,7 +213,8 @@ def test_partial_fit_appends_the_kept_patches_and_recalibrates_on_the_new_images
         others = np.concatenate(
             [old_bank, np.delete(more[[0, 2, 3]][:, :, 1:], [0, 2, 3].index(image), 0).reshape(-1, 12)]
         )
-        expected.append(brute_force_distances(more[image].reshape(-1, 12), others).min(axis=1).max())
+        distances = brute_force_distances(more[image].reshape(-1, 12), others)
+        expected.append(nearest_mean(distances, detector.n_neighbors).max())
     np.testing.assert_allclose(detector.calibration_scores_[6:], expected, rtol=1e-5)
     assert detector.threshold_ == pytest.approx(max(*old_scores, *expected), rel=1e-6)
     strict = PatchCoreDetector(contamination=0.2, device="cpu").fit(train).partial_fit(more)

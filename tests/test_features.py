@@ -107,7 +107,8 @@ def test_adaptive_pool_matrix_matches_torch():
 def test_transform_gives_one_vector_per_stride8_location():
     images = textured_parts(3, size=256)
     features = PatchFeatureTransformer(backbone="efficientnet_lite0", device="cpu").fit_transform(images)
-    assert features.shape == (3, 40, 40, 40 + 112)  # 320 px letterbox, mean of blocks.2 and blocks.4
+    # square images: a 384 px box; the mean of blocks.2 and blocks.4
+    assert features.shape == (3, 48, 48, 40 + 112)
     reference = PatchFeatureTransformer(
         backbone="efficientnet_lite0",
         aggregation="reference",
@@ -279,7 +280,8 @@ def test_letterbox_fits_the_longer_side_and_pads_the_shorter(size, resized):
 
 def test_resize_side_is_checked():
     with pytest.raises(
-        ValueError, match=r"'resize_side' parameter must be one of \['shorter', 'longer', 'fit'\]; got 'sideways'"
+        ValueError,
+        match=r"'resize_side' parameter must be one of \['shorter', 'longer', 'fit'\]; got 'sideways'",
     ):
         Geometry(64, 64, resize_side="sideways")
     with pytest.raises(ValueError, match="resize_side"):

@@ -65,9 +65,18 @@ def test_geometry_refuses_inconsistent_settings(params, message):
         Geometry(**params)
 
 
-def test_auto_crop_needs_an_int_image_size():
+def test_auto_crop_needs_an_image_size_and_takes_a_pair_as_the_box():
     with pytest.raises(ValueError, match="crop_size='auto'.*image_size must then be an int"):
-        PatchFeatureTransformer(image_size=(64, 64), crop_size="auto", **SMALL).fit(textured_parts(1))
+        PatchFeatureTransformer(image_size=None, crop_size="auto", **SMALL).fit(textured_parts(1))
+    with pytest.raises(ValueError, match="'image_size' parameter must be"):
+        PatchFeatureTransformer(image_size=(0, 3), crop_size="auto", **SMALL).fit(textured_parts(1))
+    # a (height, width) image_size is the box itself: every image letterboxed into it
+    features = PatchFeatureTransformer(image_size=(64, 96), crop_size="auto", **SMALL)
+    features.fit(textured_parts(2, size=80))
+    assert features.geometry_ == Geometry(None, (64, 96), "fit")
+    explicit = PatchFeatureTransformer(image_size=None, crop_size=(64, 96), resize_side="fit", **SMALL)
+    images = textured_parts(2, size=80)
+    np.testing.assert_array_equal(features.transform(images), explicit.fit(images).transform(images))
 
 
 def test_images_of_nearly_equal_sizes_fit_and_predict_in_a_box_of_their_shape():

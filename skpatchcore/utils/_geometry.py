@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 
-def _check_size(value, name: str, allow_none: bool) -> int | tuple[int, int] | None:
+def check_size(value, name: str, allow_none: bool) -> int | tuple[int, int] | None:
     """Validate an ``image_size`` / ``crop_size`` value: int, (h, w) or None."""
     if value is None and allow_none:
         return None
@@ -74,8 +74,8 @@ class Geometry:
     resize_side: str = LEGACY_RESIZE_SIDE
 
     def __post_init__(self):
-        object.__setattr__(self, "image_size", _check_size(self.image_size, "image_size", True))
-        object.__setattr__(self, "crop_size", _check_size(self.crop_size, "crop_size", True))
+        object.__setattr__(self, "image_size", check_size(self.image_size, "image_size", True))
+        object.__setattr__(self, "crop_size", check_size(self.crop_size, "crop_size", True))
         if self.resize_side not in RESIZE_SIDES:
             raise ValueError(
                 f"The 'resize_side' parameter must be one of {list(RESIZE_SIDES)}; got {self.resize_side!r}."
