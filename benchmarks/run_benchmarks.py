@@ -619,6 +619,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.01, 0.1], help="coreset ratios")
     parser.add_argument(
+        "--skip-rows",
+        nargs="+",
+        default=[],
+        metavar="NAME@RATIO",
+        help="leave these (category, ratio) pairs out, e.g. magnetic_tile@0.1 (a category as for "
+        "--categories); the defaults study's rows are every category at 0.01 and MPDD also at 0.1",
+    )
+    parser.add_argument(
         "--set",
         dest="sets",
         action="append",
@@ -662,6 +670,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _skip_row(text: str, categories: list[str]) -> tuple[str, float]:
+    """``NAME@RATIO`` of ``--skip-rows`` as a (category, ratio) pair of this run."""
+    name, _, ratio = text.rpartition("@")
+    try:
+        (category,) = select_categories(categories, [name])
+        return category, float(ratio)
+    except (ValueError, SystemExit):
+        raise ValueError(f"--skip-rows takes NAME@RATIO for one category of this run; got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -697,11 +715,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "results": [],
     }
-    configs = [
-        (variant, category, ratio) for variant in variants for category in categories for ratio in args.ratios
-    ]
+    try:
+        skipped = {_skip_row(text, categories) for text in args.skip_rows}
+    except ValueError as exc:
+        parser.error(str(exc))
+    rows = [(c, r) for c in categories for r in args.ratios if (c, r) not in skipped]
+    payload["skipped_rows"] = sorted(f"{c}@{r:g}" for c, r in skipped)
+    configs = [(variant, category, ratio) for variant in variants for category, ratio in rows]
     if args.with_reference:
-        configs += [(None, category, ratio) for category in categories for ratio in args.ratios]
+        configs += [(None, category, ratio) for category, ratio in rows]
     failed = 0
     for number, (variant, category, ratio) in enumerate(configs, 1):
         shown = REFERENCE_LABEL if variant is None else settings_label(variant)
