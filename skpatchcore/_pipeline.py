@@ -253,8 +253,9 @@ class PatchCorePipeline(Pipeline):
         Returns
         -------
         maps : ndarray of shape (n_images, H, W), float32
-            Higher = more anomalous; (H, W) is the resized and cropped input size
-            (320 x 320 with the defaults).
+            Higher = more anomalous; (H, W) is the model input size, after the
+            resize and crop or letterbox (with the defaults, the box fitted to
+            the training images: 384 x 384 for square images).
         scores : ndarray of shape (n_images,)
             Only when ``return_scores=True``.
 

@@ -292,17 +292,23 @@ def load_masks(
     image_size : int, (int, int) or None, default=320
         Resize step, as the estimator's ``image_size``: an int makes the
         longer (or, see ``resize_side``, the shorter) side that long, a pair
-        is an exact ``(height, width)``, None keeps the size. The defaults are
-        :class:`~skpatchcore.PatchFeatureTransformer`'s.
+        is an exact ``(height, width)``, None keeps the size. The defaults of
+        these three settings are a 320 x 320 square letterbox, the
+        :class:`~skpatchcore.PatchFeatureTransformer` defaults before 0.2.0:
+        the estimator's default now, ``crop_size="auto"``, is a box chosen
+        from the training images in ``fit``, which this function cannot
+        choose. For a model's own masks, pass ``geometry`` instead.
     crop_size : int, (int, int) or None, default=320
         Centre crop, as the estimator's ``crop_size``; None means no crop.
     resize_side : {"longer", "shorter", "fit"}, default="longer"
         As the estimator's ``resize_side``.
     geometry : Geometry, default=None
-        A fitted model's geometry (``model.named_steps["features"].geometry_``);
-        when given, it replaces the three settings above. This is how to get
-        a model's masks when its box was fitted to the training images
-        (``crop_size="auto"``).
+        A fitted model's geometry (``model.named_steps["features"].geometry_``
+        of a pipeline, ``geometry_`` of a fitted
+        :class:`~skpatchcore.PatchFeatureTransformer`); when given, it replaces
+        the three settings above, and the masks line up with that model's
+        maps whatever its settings (with the default ``crop_size="auto"``, the
+        only way).
 
     Returns
     -------
@@ -319,11 +325,14 @@ def load_masks(
 
     Examples
     --------
+    >>> from skpatchcore import make_patchcore
     >>> from skpatchcore.datasets import load_masks, load_mvtec_category
     >>> data = load_mvtec_category("mvtec/bottle")  # doctest: +SKIP
-    >>> masks = load_masks(data.test_mask_paths, data.test_paths)  # doctest: +SKIP
+    >>> model = make_patchcore(backbone="efficientnet_lite0").fit(data.train_paths)  # doctest: +SKIP
+    >>> geometry = model.named_steps["features"].geometry_  # doctest: +SKIP
+    >>> masks = load_masks(data.test_mask_paths, data.test_paths, geometry=geometry)  # doctest: +SKIP
     >>> masks.shape  # doctest: +SKIP
-    (83, 320, 320)
+    (83, 384, 384)
     """
     if geometry is None:
         geometry = Geometry(image_size=image_size, crop_size=crop_size, resize_side=resize_side)

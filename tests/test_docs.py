@@ -168,9 +168,9 @@ def test_code_in_the_guide_runs_as_doctests(page):
 # --------------------------------------------------------------------------
 
 # Each page and the results files it renders with ``.. results-table::``.
-STUDIES = ("aggregation", "projection", "geometry", "layers", "scoring")
+STUDIES = ("aggregation", "geometry", "scoring", "scoring320")
 RESULTS_ON_PAGES = {
-    "user_guide/tuning": [f"tuning-{study}" for study in STUDIES],
+    "user_guide/tuning": [f"tuning-{study}" for study in STUDIES] + ["tuning-selection"],
     "user_guide/benchmarks": ["latest", "speed"],
     "user_guide/production": ["ann"],
     "user_guide/gpu": ["gpu"],
@@ -214,6 +214,14 @@ def test_measured_tables_show_the_results_files_or_say_how_to_make_them(built_do
         assert plain_cells, f"{path} has no table"
         missing = [cell for cell in plain_cells if cell not in text]
         assert not missing, f"{page} does not show these cells of {name}.md: {missing[:5]}"
+
+
+def test_each_results_file_names_the_command_that_writes_it():
+    default_command = results_extension().default_command
+    assert default_command("tuning-geometry") == "python benchmarks/tune.py --study geometry"
+    assert default_command("tuning-selection") == "python benchmarks/tune.py --select"
+    assert default_command("latest") == "python benchmarks/run_benchmarks.py"
+    assert default_command("other") == "the benchmark script that writes other.md"
 
 
 def test_the_anchor_comparison_takes_the_defaults_from_latest_json(built_docs):

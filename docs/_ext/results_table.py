@@ -13,8 +13,8 @@ Two directives, so that no measured number is typed into a page by hand:
         Also render the file's headings and paragraphs (machine, settings).
     ``:command: python benchmarks/...``
         The command that writes the file, shown when it is missing. Known
-        names (``latest``, ``speed``, ``ann``, ``gpu``, ``tuning-<study>``)
-        have one already.
+        names (``latest``, ``speed``, ``ann``, ``gpu``, ``tuning-<study>``,
+        ``tuning-selection``) have one already.
 
 ``.. anchor-comparison::``
     The package's results of ``benchmarks/results/latest.json`` (the default
@@ -44,6 +44,8 @@ COMMANDS = {
     "speed": "python benchmarks/speed.py",
     "ann": "python benchmarks/ann.py",
     "gpu": "PYTHONPATH=. python benchmarks/gpu_check.py --out benchmarks/results (on a CUDA machine)",
+    # The ranking of every study's variants by the rule, not a study of its own.
+    "tuning-selection": "python benchmarks/tune.py --select",
 }
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -52,10 +54,12 @@ _SEPARATOR = re.compile(r"^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
 
 
 def default_command(name: str) -> str:
-    """The command that writes ``NAME.md``, for the note shown while it is missing."""
+    """The command that writes ``NAME.md``, for the source line and the note shown while it is missing."""
+    if name in COMMANDS:
+        return COMMANDS[name]
     if name.startswith("tuning-"):
         return f"python benchmarks/tune.py --study {name[len('tuning-') :]}"
-    return COMMANDS.get(name, f"the benchmark script that writes {name}.md")
+    return f"the benchmark script that writes {name}.md"
 
 
 # -- Markdown (the subset the benchmark scripts write) -------------------------------
@@ -228,7 +232,7 @@ class ResultsTable(Directive):
     def run(self):
         name = self.arguments[0]
         if not re.fullmatch(r"[\w.-]+", name):
-            raise self.error(f"results-table: {name!r} is not a results file name (e.g. 'tuning-layers').")
+            raise self.error(f"results-table: {name!r} is not a results file name (e.g. 'tuning-geometry').")
         command = self.options.get("command") or default_command(name)
         relative = f"benchmarks/results/{name}.md"
         path = os.path.join(_results_dir(self), f"{name}.md")

@@ -21,8 +21,8 @@ from ._selection import Candidates, Selector, draw_projection, select
 from ._stream import MergeReduce, Shares, bank_size
 
 # With strategy="auto", training sets of up to this many candidate patch vectors
-# get the exact selection (about 1,300 images of 40 x 40 patches, the defaults;
-# 1.2 GB of 152-value features); larger ones are streamed.
+# get the exact selection (about 900 images of 48 x 48 patches, the defaults for
+# square images; 1.2 GB of 152-value features); larger ones are streamed.
 AUTO_EXACT_PATCHES = 1 << 21
 
 
@@ -58,10 +58,10 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         features have at most this many dimensions they are used as they are.
         The reference code uses 128. Projecting the 152-dimensional default
         features of efficientnet_lite0 down to 128 lowered image AUROC on
-        Magnetic Tile at 1 % (0.789 -> 0.768 at the earlier 288 px crop,
-        0.888 -> 0.878 at the 320 px letterbox, where AUPRO rose 0.763 ->
-        0.777); the default keeps small features whole, so their distances
-        are exact.
+        Magnetic Tile at 1 % (measured in 0.1: 0.789 -> 0.768 with the
+        shorter side at 320 px and a 288 px centre crop, 0.888 -> 0.878 at
+        the 320 px square letterbox); the default keeps small features whole,
+        so their distances are exact.
     n_starts : int, default=10
         Number of random points whose mean distance starts the search.
     strategy : {"auto", "exact", "stream"}, default="auto"
@@ -69,12 +69,12 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         patches x picks: with the square of the training set at a fixed
         ratio). ``"stream"``: merge and reduce over chunks of ``chunk_size``
         vectors (see Notes): time and memory grow linearly. ``"auto"``: exact
-        up to 2,097,152 candidate vectors (about 1,300 images at the default
-        320 px and efficientnet_lite0), streamed beyond.
+        up to 2,097,152 candidate vectors (about 900 images at the default
+        384 px and efficientnet_lite0), streamed beyond.
     chunk_size : int, default=65536
         Patch vectors per chunk (rounded down to whole images, at least one)
         for streaming and for :meth:`partial_fit`: with the default 152-value
-        features 40 MB, 40 images of 40 x 40 patches. What a streamed fit or
+        features 40 MB, 28 images of 48 x 48 patches. What a streamed fit or
         a ``partial_fit`` holds at a time is one chunk, the chunk coresets not
         yet reduced (less than two chunks) and the bank. Every greedy call of
         a streamed fit sees at most two chunks, so its time per image grows
