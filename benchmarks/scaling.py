@@ -10,8 +10,9 @@ run keeps its last results there):
    images (``--source``, default Magnetic Tile: flips, quarter turns, crops of
    80-100 %, brightness, contrast and noise; written as PNG files to a
    temporary folder, never kept) are fitted at the package defaults
-   (``make_patchcore(backbone="efficientnet_lite0", random_state=0)``: 320 px
-   letterbox, 40 x 40 patches of 152 values per image, ratio 0.1) with
+   (``make_patchcore(backbone="efficientnet_lite0", random_state=0)``: a box
+   of about 384 x 384 px fitted to the images, 152 values per patch, ratio
+   0.1, n_neighbors 5) with
    ``strategy="exact"`` (up to ``--exact-max`` images: its time grows with
    the square of N) and ``strategy="stream"``, each point in a fresh process.
    Recorded: fit time split into features, coreset and index (bank, search
@@ -24,9 +25,10 @@ run keeps its last results there):
    training images grown with ``partial_fit`` by the second half, each with
    ``--seeds`` random states (default 5: the exact greedy's own spread over
    its random start points is the scale of the differences); image AUROC,
-   pixel AUROC and AUPRO (pixel metrics as ``run_benchmarks.py`` computes
-   them: maps at the model input size against the masks put through the same
-   geometry), of seed 0 and their mean, and the differences to the exact fit.
+   pixel AUROC and AUPRO (over each image's own pixels, as
+   ``run_benchmarks.py`` computes them: :func:`skpatchcore.metrics.pixel_metrics`
+   through the fitted geometry), of seed 0 and their mean, and the differences
+   to the exact fit.
 
 ``--big N`` adds one streamed fit of N images (e.g. 10,000) to the scaling
 part. Run from the repository root::
@@ -188,8 +190,8 @@ def run_quality_category(spec: dict) -> dict:
     import numpy as np
 
     from skpatchcore import GreedyCoresetSampler, PatchCoreDetector, PatchFeatureTransformer
-    from skpatchcore.datasets import load_masks, load_mvtec_category
-    from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+    from skpatchcore.datasets import load_mvtec_category
+    from skpatchcore.metrics import image_auroc, pixel_metrics
 
     data = load_mvtec_category(Path(spec["data_root"]) / spec["category"])
     train, test = list(data.train_paths), list(data.test_paths)
@@ -203,10 +205,6 @@ def run_quality_category(spec: dict) -> dict:
     features = PatchFeatureTransformer(backbone=BACKBONE).fit(train)
     train_features = features.transform(train)
     test_features, input_size = features._transform(test)
-    masks = load_masks(
-        mask_paths, test, image_size=features.image_size, crop_size=features.crop_size,
-        resize_side=features.resize_side,
-    )  # fmt: skip
     half, per_image = len(train) // 2, int(np.prod(train_features.shape[1:3]))
 
     def fitted(variant, seed):
@@ -234,6 +232,8 @@ def run_quality_category(spec: dict) -> dict:
             sampler, detector = fitted(variant, seed)
             fit_s = time.perf_counter() - start
             maps, scores = detector.predict_map(test_features, input_size, return_scores=True)
+            # over each image's own pixels, through the fitted geometry (as run_benchmarks.py)
+            pixel = pixel_metrics(features, test, mask_paths, maps=maps)
             chunk_images = max(1, sampler.chunk_size // per_image)
             runs.append(
                 {
@@ -242,8 +242,8 @@ def run_quality_category(spec: dict) -> dict:
                     "bank_size": len(detector.memory_bank_),
                     "n_chunks": math.ceil(len(train) / chunk_images),
                     "image_auroc": image_auroc(labels, scores),
-                    "pixel_auroc": pixel_auroc(masks, maps),
-                    "aupro": aupro(masks, maps),
+                    "pixel_auroc": pixel["pixel_auroc"],
+                    "aupro": pixel["aupro"],
                 }
             )
         result[variant] = runs
@@ -391,8 +391,9 @@ def markdown(payload: dict, quick: bool) -> str:
             "## Time and memory against the number of training images",
             "",
             f"Augmented {scaling['source']} training images (see `benchmarks/scaling.py`), fitted at the "
-            "package defaults (efficientnet_lite0, 320 px letterbox: 1,600 patches of 152 values per "
-            "image, ratio 0.1, chunks of 65,536 patches), each fit in a fresh process. Index = memory "
+            "package defaults (efficientnet_lite0, a box of about 384 x 384 px fitted to the images, "
+            "152 values per patch, ratio 0.1, chunks of 65,536 patches), each fit in a fresh process. "
+            "Index = memory "
             "bank, search index and threshold calibration; coreset = the rest of the fit (wall seconds, "
             "without loading the backbone). CPU s = CPU seconds of all the process's threads during "
             "the fit. Peak RSS of the fitting process.",
@@ -415,13 +416,13 @@ def markdown(payload: dict, quick: bool) -> str:
             f"## Quality of streamed and grown models ({quality['ratio']:.0%} coreset)",
             "",
             "Each category at the package defaults, the features computed once: an exact coreset; a "
-            'streamed one (`strategy="stream"`, chunks of 65,536 patches = 40 images, coresets '
+            'streamed one (`strategy="stream"`, chunks of 65,536 patches, coresets '
             "of twice the chunk's share, pooled and reduced); one of the first half of the training "
             "images grown with `partial_fit` by the second half (sampler and detector). Each with "
             f"random_state 0 to {quality['seeds'] - 1}: the exact greedy's own spread over seeds "
             "(its random start points) is the scale against which to read the differences. Pixel "
-            "AUROC and AUPRO at the model input size (masks through the same geometry, as "
-            "`run_benchmarks.py`). Metrics as image AUROC / pixel AUROC / AUPRO.",
+            "AUROC and AUPRO over each image's own pixels (`pixel_metrics`, as `run_benchmarks.py`). "
+            "Metrics as image AUROC / pixel AUROC / AUPRO.",
             "",
             quality_table(quality["results"]),
             "",
