@@ -104,7 +104,7 @@ def test_fit_help_shows_the_package_defaults(capsys):
         main(["fit", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "default: wide_resnet50_2" in out
-    assert "default: 0.1" in out and "default: 384" in out and "default: auto" in out
+    assert "default: 0.1" in out and "default: 320" in out and "default: auto" in out
 
 
 def test_python_dash_m_skpatchcore_runs_the_command():

@@ -107,8 +107,8 @@ def test_adaptive_pool_matrix_matches_torch():
 def test_transform_gives_one_vector_per_stride8_location():
     images = textured_parts(3, size=256)
     features = PatchFeatureTransformer(backbone="efficientnet_lite0", device="cpu").fit_transform(images)
-    # square images: a 384 px box; the mean of blocks.2 and blocks.4
-    assert features.shape == (3, 48, 48, 40 + 112)
+    # square images: a 320 px box; the mean of blocks.2 and blocks.4
+    assert features.shape == (3, 40, 40, 40 + 112)
     reference = PatchFeatureTransformer(
         backbone="efficientnet_lite0",
         aggregation="reference",
