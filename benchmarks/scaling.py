@@ -11,8 +11,8 @@ run keeps its last results there):
    80-100 %, brightness, contrast and noise; written as PNG files to a
    temporary folder, never kept) are fitted at the package defaults
    (``make_patchcore(backbone="efficientnet_lite0", random_state=0)``: a box
-   of about 384 x 384 px fitted to the images, 152 values per patch, ratio
-   0.1, n_neighbors 5) with
+   of about 320 x 320 px fitted to the images, 152 values per patch, ratio
+   0.1, n_neighbors 3) with
    ``strategy="exact"`` (up to ``--exact-max`` images: its time grows with
    the square of N) and ``strategy="stream"``, each point in a fresh process.
    Recorded: fit time split into features, coreset and index (bank, search
@@ -391,7 +391,7 @@ def markdown(payload: dict, quick: bool) -> str:
             "## Time and memory against the number of training images",
             "",
             f"Augmented {scaling['source']} training images (see `benchmarks/scaling.py`), fitted at the "
-            "package defaults (efficientnet_lite0, a box of about 384 x 384 px fitted to the images, "
+            "package defaults (efficientnet_lite0, a box of about 320 x 320 px fitted to the images, "
             "152 values per patch, ratio 0.1, chunks of 65,536 patches), each fit in a fresh process. "
             "Index = memory "
             "bank, search index and threshold calibration; coreset = the rest of the fit (wall seconds, "

@@ -78,7 +78,7 @@ def auto(size: int, **extra) -> dict:
 
 
 # The detector every study row starts from: the paper's 1-NN scores (the package default
-# until the scoring study chose 5). A row's detector settings apply on top, so a row that
+# until these studies chose 3). A row's detector settings apply on top, so a row that
 # lists none keeps meaning k = 1 whatever the package default is.
 STUDY_DETECTOR = {"n_neighbors": 1}
 

@@ -61,8 +61,8 @@ print(f"{data.name}: {len(data.train_paths)} training images, {len(data.test_pat
 # weights in a Python package, so nothing is downloaded. To keep this example
 # fast we resize the images to 128 x 128 (``image_size=128`` on square photos,
 # no crop) and fit on every other training image; the defaults (the whole image
-# fitted into a box of about 384 x 384 px shaped like the training images, here
-# 384 x 384 for square photos) detect smaller defects.
+# fitted into a box of about 320 x 320 px shaped like the training images, here
+# 320 x 320 for square photos) detect smaller defects.
 
 model = make_patchcore(
     backbone="efficientnet_lite0", image_size=128, crop_size=None, ratio=0.1, random_state=0

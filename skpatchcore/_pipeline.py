@@ -255,7 +255,7 @@ class PatchCorePipeline(Pipeline):
         maps : ndarray of shape (n_images, H, W), float32
             Higher = more anomalous; (H, W) is the model input size, after the
             resize and crop or letterbox (with the defaults, the box fitted to
-            the training images: 384 x 384 for square images).
+            the training images: 320 x 320 for square images).
         scores : ndarray of shape (n_images,)
             Only when ``return_scores=True``.
 

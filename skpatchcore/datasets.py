@@ -332,7 +332,7 @@ def load_masks(
     >>> geometry = model.named_steps["features"].geometry_  # doctest: +SKIP
     >>> masks = load_masks(data.test_mask_paths, data.test_paths, geometry=geometry)  # doctest: +SKIP
     >>> masks.shape  # doctest: +SKIP
-    (83, 384, 384)
+    (83, 320, 320)
     """
     if geometry is None:
         geometry = Geometry(image_size=image_size, crop_size=crop_size, resize_side=resize_side)

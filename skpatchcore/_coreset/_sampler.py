@@ -21,7 +21,7 @@ from ._selection import Candidates, Selector, draw_projection, select
 from ._stream import MergeReduce, Shares, bank_size
 
 # With strategy="auto", training sets of up to this many candidate patch vectors
-# get the exact selection (about 900 images of 48 x 48 patches, the defaults for
+# get the exact selection (about 1,300 images of 40 x 40 patches, the defaults for
 # square images; 1.2 GB of 152-value features); larger ones are streamed.
 AUTO_EXACT_PATCHES = 1 << 21
 
@@ -69,12 +69,12 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
         patches x picks: with the square of the training set at a fixed
         ratio). ``"stream"``: merge and reduce over chunks of ``chunk_size``
         vectors (see Notes): time and memory grow linearly. ``"auto"``: exact
-        up to 2,097,152 candidate vectors (about 900 images at the default
-        384 px and efficientnet_lite0), streamed beyond.
+        up to 2,097,152 candidate vectors (about 1,300 images at the default
+        320 px and efficientnet_lite0), streamed beyond.
     chunk_size : int, default=65536
         Patch vectors per chunk (rounded down to whole images, at least one)
         for streaming and for :meth:`partial_fit`: with the default 152-value
-        features 40 MB, 28 images of 48 x 48 patches. What a streamed fit or
+        features 40 MB, 40 images of 40 x 40 patches. What a streamed fit or
         a ``partial_fit`` holds at a time is one chunk, the chunk coresets not
         yet reduced (less than two chunks) and the bank. Every greedy call of
         a streamed fit sees at most two chunks, so its time per image grows
