@@ -721,9 +721,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     rows = [(c, r) for c in categories for r in args.ratios if (c, r) not in skipped]
     payload["skipped_rows"] = sorted(f"{c}@{r:g}" for c, r in skipped)
-    configs = [(variant, category, ratio) for variant in variants for category, ratio in rows]
-    if args.with_reference:
-        configs += [(None, category, ratio) for category, ratio in rows]
+    # With the reference code, each row's run of it comes right after ours, so that both
+    # meet the machine in the same state (other work on a shared machine comes and goes).
+    configs = [
+        config
+        for category, ratio in rows
+        for config in [(variant, category, ratio) for variant in variants]
+        + ([(None, category, ratio)] if args.with_reference else [])
+    ]
     failed = 0
     for number, (variant, category, ratio) in enumerate(configs, 1):
         shown = REFERENCE_LABEL if variant is None else settings_label(variant)
