@@ -168,7 +168,7 @@ def test_code_in_the_guide_runs_as_doctests(page):
 # --------------------------------------------------------------------------
 
 # Each page and the results files it renders with ``.. results-table::``.
-STUDIES = ("aggregation", "geometry", "scoring", "scoring320")
+STUDIES = ("geometry", "scoring", "scoring320")
 RESULTS_ON_PAGES = {
     "user_guide/tuning": [f"tuning-{study}" for study in STUDIES] + ["tuning-selection"],
     "user_guide/benchmarks": ["latest", "speed"],
