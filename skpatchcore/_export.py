@@ -54,8 +54,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -87,6 +85,7 @@ from .runtime import (
     _file_digest,
     _fixed_input_size,
 )
+from .utils._files import write_atomically
 from .utils._geometry import Geometry
 
 __all__ = ["export_onnx"]
@@ -199,7 +198,7 @@ def export_onnx(model, path, *, input_size=None, check: bool = True) -> None:
     span = _digest_span(bytes(data))
     data[span] = _file_digest(bytes(data), span).encode()
     verify = (lambda written: _check_file(written, model)) if check else None
-    _write_atomically(Path(path), bytes(data), verify)
+    write_atomically(path, lambda stream: stream.write(bytes(data)), verify)
 
 
 # --------------------------------------------------------------------------
@@ -705,27 +704,6 @@ def _metadata(features, detector, geometry: Geometry, size, grid) -> dict:
 
 def _json_value(value):
     return list(value) if isinstance(value, tuple) else value
-
-
-def _write_atomically(path: Path, data: bytes, verify=None) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temporary, 0o666 & ~_umask())
-        if verify is not None:
-            verify(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _check_file(path: Path, model) -> None:

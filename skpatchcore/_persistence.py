@@ -53,7 +53,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import zipfile
 from numbers import Integral, Real
 from pathlib import Path
@@ -73,6 +72,7 @@ from ._pipeline import PatchCorePipeline
 from ._version import __version__
 from .utils._device import resolve_device
 from .utils._errors import ModelFileError
+from .utils._files import write_atomically
 from .utils._geometry import LEGACY_RESIZE_SIDE, Geometry
 
 __all__ = ["ModelFileError", "load", "save"]
@@ -200,27 +200,14 @@ def save(model, path) -> None:
 
 
 def _write_zip(path: Path, members: dict[str, bytes]) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
+    def write(raw) -> None:
+        with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
             for name, data in members.items():
                 info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
                 info.compress_type = zipfile.ZIP_STORED
                 archive.writestr(info, data)
-        # mkstemp makes the file private (0600); a model file gets the usual
-        # permissions of a new file, so that e.g. a service account can read it.
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    write_atomically(path, write)
 
 
 def _versions() -> dict:
