@@ -138,11 +138,11 @@ def patch_features(lite_features, good_parts, defective_parts):
 
 
 @pytest.mark.parametrize(
-    "index, rtol, map_rtol",
-    # One probed cell of 16 misses more of the 5 neighbours: scores stay close, not within 5 %.
-    [("ivf", 0.05, 0.01), ("hnsw", 0.05, 0.01), ({"kind": "ivf", "nprobe": 1}, 0.25, 0.03)],
+    "index, rtol",
+    # One probed cell of 16 misses more neighbours: scores stay close, not within 5 %.
+    [("ivf", 0.05), ("hnsw", 0.05), ({"kind": "ivf", "nprobe": 1}, 0.25)],
 )
-def test_the_detector_with_an_approximate_index_scores_close_to_exact(index, rtol, map_rtol, patch_features):
+def test_the_detector_with_an_approximate_index_scores_close_to_exact(index, rtol, patch_features):
     train, test, labels = patch_features
     exact = PatchCoreDetector(device="cpu").fit(train)
     approximate = PatchCoreDetector(index=index, device="cpu").fit(train)
@@ -152,7 +152,7 @@ def test_the_detector_with_an_approximate_index_scores_close_to_exact(index, rto
     np.testing.assert_allclose(scores, expected, rtol=rtol)
     assert image_auroc(labels, scores) == image_auroc(labels, expected) == 1.0
     maps, expected_maps = approximate.predict_map(test, (64, 64)), exact.predict_map(test, (64, 64))
-    assert np.abs(maps - expected_maps).mean() <= map_rtol * expected_maps.mean()
+    assert np.abs(maps - expected_maps).mean() <= 0.01 * expected_maps.mean()
 
 
 def test_a_pickled_detector_rebuilds_the_same_approximate_index(patch_features):
