@@ -417,7 +417,7 @@ def markdown(payload: dict, quick: bool) -> str:
             "",
             "Each category at the package defaults, the features computed once: an exact coreset; a "
             'streamed one (`strategy="stream"`, chunks of 65,536 patches, coresets '
-            "of twice the chunk's share, pooled and reduced); one of the first half of the training "
+            "of four times the chunk's share, pooled and reduced); one of the first half of the training "
             "images grown with `partial_fit` by the second half (sampler and detector). Each with "
             f"random_state 0 to {quality['seeds'] - 1}: the exact greedy's own spread over seeds "
             "(its random start points) is the scale against which to read the differences. Pixel "

@@ -151,7 +151,7 @@ def streamed_by_definition(X, ratio, chunk_rows, seed, n_starts=10):
     for index, start in enumerate(range(0, len(X), chunk_rows)):
         stop = min(start + chunk_rows, len(X))
         share = shares(stop) - shares(start)
-        picks = plain_select(X[start:stop], min(stop - start, max(1, 2 * share)), 0, index)
+        picks = plain_select(X[start:stop], min(stop - start, max(1, 4 * share)), 0, index)
         pool.extend(start + picks)
         last = stop == len(X)
         if len(pool) >= chunk_rows or last:

@@ -121,8 +121,8 @@ class GreedyCoresetSampler(VersionedPickleMixin, TransformerMixin, BaseEstimator
     candidates, and defective images are fully masked.
 
     **Streaming** (merge and reduce): the candidates are cut into chunks of
-    whole images; each chunk gets its own greedy coreset, twice its share of
-    the bank; the chunk coresets are pooled in order, and whenever the pool
+    whole images; each chunk gets its own greedy coreset, four times its share
+    of the bank; the chunk coresets are pooled in order, and whenever the pool
     holds a chunk's worth of vectors (and at the end) a greedy coreset of the
     pool, of exactly its share of the bank, enters the bank. Every greedy call
     sees at most two chunks of vectors, so time grows linearly with the

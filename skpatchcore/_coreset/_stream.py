@@ -6,7 +6,7 @@ needs every patch vector at once. Merge and reduce bounds both:
 
 1. **A coreset per chunk.** The candidates are cut into chunks of whole
    images (``chunk_size`` vectors at most); each chunk gets its own greedy
-   coreset, ``OVERSAMPLE`` times its share of the bank. Chunks are independent:
+   coreset, ``OVERSAMPLE`` (4) times its share of the bank. Chunks are independent:
    they can be selected as their features are computed, or on Dask workers.
 2. **A coreset of their union.** The chunk coresets are pooled in order; each
    time the pool holds ``chunk_size`` vectors (and once at the end) a greedy
@@ -33,7 +33,11 @@ from ..utils._buffers import empty_buffer
 
 # Each chunk keeps this many times its share of the bank, and the pools are
 # reduced to their share: the reduction removes what chunks have in common.
-OVERSAMPLE = 2
+# Measured on Magnetic Tile at 1 % (19 chunks, seeds 0 and 1, against the exact
+# selection's 0.800 / 0.801 pixel AUROC): 2 lost 0.015 to 0.019, 4 lost at most
+# 0.001; 8 made the pool reduce twice, each time to a share fixed by position,
+# and lost 0.006 (seed 0). 4 costs about 1.5 to 2 times the time of 2.
+OVERSAMPLE = 4
 
 
 def bank_size(size, n_patches: int) -> int:
