@@ -70,6 +70,7 @@ from ._detector import PatchCoreDetector
 from ._efficientnet_lite import with_static_padding
 from ._features import PatchFeatureTransformer
 from ._maps import _axis_operator
+from ._onnx_filter import Int8Filter, use_int8_filter
 from ._version import __version__
 from .runtime import (
     DIGEST_KEY,
@@ -469,7 +470,13 @@ class _ScoringGraph:
         centred = g.op("Sub", [queries, g.const(self.mean[None, :], "bank_mean")], "centred")
         if self.n_bank <= self.chunk:
             bank = g.const(self.bank, "bank")
-            candidates = self._candidates(g, centred, bank)
+            if use_int8_filter(self.n_bank, self.n_dims, self.k):
+                search = Int8Filter(self.bank, self.k)
+                candidates = search.candidates(
+                    g, centred, bank, lambda g, rows: self._candidates(g, rows, bank)
+                )
+            else:
+                candidates = self._candidates(g, centred, bank)
         else:  # the bank is stored once, as the equal chunks the Scan takes
             bank = g.const(self._chunks(self.bank, 0.0), "bank_chunks")
             candidates = self._chunked_candidates(g, centred, bank)
