@@ -28,7 +28,10 @@ Nearest neighbours (built node by node with :mod:`onnx.helper`)
     smallest ``|y|^2 - 2 <x, y>`` (one Gemm, ArgMin or TopK), ``x`` the
     centred patch vector; their distances are then computed exactly, as the
     sum of squared differences, so the float32 cancellation of the norm
-    expansion never reaches a score. A bank larger than
+    expansion never reaches a score. A bank of 2,048 vectors or more of 512 values or
+    more (the reference settings) finds its candidates with an int8 product
+    and proven bounds instead (:mod:`skpatchcore._onnx_filter`; same
+    neighbours, the int8 copy of the bank adds a quarter to the file). A bank larger than
     ``_BANK_CHUNK_BYTES`` per image's worth of products is searched in
     equal chunks by a Scan node (the last one padded with vectors that are
     never nearest): memory stays bounded whatever the bank size, and the
@@ -240,6 +243,8 @@ def _check_file_size(features: PatchFeatureTransformer, detector: PatchCoreDetec
     bank = detector.memory_bank_
     weights = sum(t.numel() * t.element_size() for t in features.backbone_.state_dict().values())
     support = 8 * len(bank) * (detector.reweight_neighbors or 0)
+    # (The int8 filter's copy of the bank is made only for banks searched in one
+    # piece, at most 64 MB of products per image: a few tens of MB at most.)
     n_bytes = bank.nbytes + weights + support
     if n_bytes > _MAX_FILE_BYTES:
         raise ValueError(
