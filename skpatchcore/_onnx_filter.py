@@ -10,25 +10,29 @@ vectors with the smallest bounds, computes their distances exactly and keeps
 the ``k`` nearest of those. A patch is **certified** when the ``(m+1)``-th
 smallest bound is at least its k-th exact distance (inflated by the float32
 error of that sum): then no other bank vector can be nearer. The patches that
-are not certified (none, or a few per image, on the shared data sets) are
-searched again with the full float32 product, so the result is always the
-exact search's.
+are not certified (about 1 % on the shared data sets) are searched again with
+the full float32 product. The neighbours are the exact search's: the same as
+the float32 product finds, up to float32 rounding of near-ties.
 
 The bound. Each bank row ``y`` is stored as ``s_y * Y`` with ``Y`` int8 and
-``s_y = max|y| / 127`` (rounded once, in float64, at export); each patch as
-``s_x * X`` with ``X = round(x / s_x)`` in ``[-127, 127]`` (fed to
-``MatMulInteger`` as ``X + 128``, zero point 128, so the int32 sum is
-``X . Y`` exactly). With entrywise rounding errors at most ``s_x / 2`` and
-``s_y / 2``, ``|<x, y> - s_x s_y X.Y| <= s_y |x|_1 / 2 + s_x |y|_1 / 2 +
-3 d s_x s_y / 4``, so
+``s_y = max|y| / 127`` (rounded once, in float64, at export; a zero row is
+exact, with no error terms); each patch as ``s_x * X`` with ``X = round(x /
+s_x)`` in ``[-63, 63]``, ``s_x = max|x| / 63``, fed to ``MatMulInteger`` as
+``X + 64`` with zero point 64, so the int32 sum is ``X . Y`` exactly. Seven
+bits, not eight: CPUs without VNNI multiply uint8 by int8 with an instruction
+that adds two products into a saturating int16, and with ``X + 64 <= 127``
+two products reach at most 2 x 127 x 127 = 32,258 < 32,767. With entrywise
+rounding errors at most ``s_x / 2`` and ``s_y / 2``, ``|<x, y> - s_x s_y
+X.Y| <= s_y |x|_1 / 2 + s_x |y|_1 / 2 + 3 d s_x s_y / 4``, so
 
     |x - y|^2 >= |x|^2 + |y|^2 - 2 s_x s_y X.Y
                  - (s_y |x|_1 + s_x |y|_1 + 1.5 d s_x s_y) (1 + 1e-3)
-                 - 1e-5 (|x| + |y|)^2,
+                 - eps (|x| + |y|)^2,      eps = 1e-5 + (d + 2) 2^-24,
 
-the last terms covering the float32 roundings of the bound's own arithmetic
-(a few units of 2^-24 of ``(|x| + |y|)^2``), of ``x / s_x`` and of the norms
-(``d`` units of 2^-24, far below 1e-3). Everything but the int8 product is a
+the 1e-3 covering the float32 roundings of ``x / s_x`` and of ``|x|_1``,
+``eps`` those of ``|x|^2`` (a float32 sum of d squares: up to d + 1 units of
+2^-24) and of the bound's own arithmetic (about ten units of 2^-24 of
+``(|x| + |y|)^2``). Everything but the int8 product is a
 rank-5 outer product ``U V`` (``U`` per patch, ``V`` per bank vector). The
 graph computes the bound divided by ``s_x`` (a patch's ranking does not change,
 and its certificate compares ``s_x`` times the threshold): ``-2 s_y X.Y + (U /
@@ -49,8 +53,9 @@ FILTER_MIN_VECTORS = 2048
 # 2, 4 and 8 left 6.6 %, 1.1 % and 0.07 % of the patches uncertified; each costs
 # one row of the float32 product, each candidate a gather and a difference of d values.
 EXTRA_CANDIDATES = 4
-_SLACK = 1.001  # on the quantisation error terms (float32 norms, x / s_x)
-_EPS = 1e-5  # on (|x| + |y|)^2: the bound's float32 arithmetic
+_SLACK = 1.001  # on the quantisation error terms (float32 |x|_1, x / s_x)
+# A patch's codes: [-63, 63], fed as uint8 [1, 127] (see the module docstring).
+_QUERY_LEVELS = 63
 
 
 def use_int8_filter(n_bank: int, n_dims: int, k: int) -> bool:
@@ -84,14 +89,16 @@ class Int8Filter:
             raise RuntimeError("int8 codes of the bank are off by more than half a step.")
         norms = np.sqrt((values * values).sum(axis=1))
         l1 = np.abs(values).sum(axis=1)
+        eps = 1e-5 + (n_dims + 2) * 2.0**-24  # float32 |x|^2 and the bound's arithmetic
+        exact = largest == 0  # a zero row: Y = 0 = y, no quantisation error
         # V's rows, matched with U's columns in :meth:`lower_bounds`.
         self.right = np.stack(
             [
-                (1.0 - _EPS) * norms**2,  # with U's constant column
-                np.full_like(norms, 1.0 - _EPS),  # with |x|^2
-                _SLACK * scale,  # with -|x|_1
-                _SLACK * (l1 + 1.5 * n_dims * scale),  # with -s_x
-                2 * _EPS * norms,  # with -|x|
+                (1.0 - eps) * norms**2,  # with U's constant column
+                np.full_like(norms, 1.0 - eps),  # with |x|^2
+                np.where(exact, 0.0, _SLACK * scale),  # with -|x|_1
+                np.where(exact, 0.0, _SLACK * (l1 + 1.5 * n_dims * scale)),  # with -s_x
+                2 * eps * norms,  # with -|x|
             ]
         ).astype(np.float32)
         self.scale_row = (-2.0 * scale32).reshape(1, -1)
@@ -142,14 +149,14 @@ class Int8Filter:
         # At least 1e-6 of the bank's largest entry (a zero or tiny patch: codes 0,
         # still within half a step), so that the bounds divided by it stay finite.
         floor = g.const(self.floor)
-        scale = g.op("Div", [g.op("Max", [largest, floor]), g.const(np.float32(127.0))], "filter_scale")
-        codes = g.op("Round", [g.op("Div", [centred, scale])])  # in [-127, 127]
-        shifted = g.op("Cast", [g.op("Add", [codes, g.const(np.float32(128.0))])], to=TensorProto.UINT8)
-        product = g.op(
-            "MatMulInteger",
-            [shifted, g.const(np.ascontiguousarray(self.codes.T), "filter_codes"), g.const(np.uint8(128))],
-            "filter_product",
-        )
+        levels = np.float32(_QUERY_LEVELS)
+        scale = g.op("Div", [g.op("Max", [largest, floor]), g.const(levels)], "filter_scale")
+        codes = g.op("Round", [g.op("Div", [centred, scale])])  # in [-63, 63]
+        shifted = g.op("Add", [codes, g.const(np.float32(_QUERY_LEVELS + 1))])  # in [1, 127]
+        shifted = g.op("Cast", [shifted], "filter_query_codes", to=TensorProto.UINT8)
+        zero_point = g.const(np.uint8(_QUERY_LEVELS + 1))
+        bank_codes = g.const(np.ascontiguousarray(self.codes.T), "filter_codes")
+        product = g.op("MatMulInteger", [shifted, bank_codes, zero_point], "filter_product")
         # (DequantizeLinear, per column, took longer than this Cast and Mul)
         product = g.op("Cast", [product], to=TensorProto.FLOAT)
         scaled = g.op("Mul", [product, g.const(self.scale_row, "filter_scales")])

@@ -40,32 +40,47 @@ def hard_vectors(n, d, seed):
 
 
 def run_lower_bounds(queries, bank):
+    """The filter's bounds (float64) of ``queries`` against ``bank``, and the uint8 codes of the queries."""
     from onnx import TensorProto, helper
 
     search = filter_module.Int8Filter(bank, k=1)
     g = _Nodes("t/")
     divided, scale = search.lower_bounds(g, "x")
     bounds = g.op("Mul", [divided, scale])
+    codes = next(o for node in g.nodes for o in node.output if "filter_query_codes" in o)
     graph = helper.make_graph(
         g.nodes,
         "bounds",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", bank.shape[1]])],
-        [helper.make_tensor_value_info(bounds, TensorProto.FLOAT, None)],
+        [
+            helper.make_tensor_value_info(bounds, TensorProto.FLOAT, None),
+            helper.make_tensor_value_info(codes, TensorProto.UINT8, None),
+        ],
         initializer=g.initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": queries})[0].astype(np.float64)
+    bounds, codes = session.run(None, {"x": queries})
+    return bounds.astype(np.float64), codes, search.codes
 
 
 @pytest.mark.parametrize("d", [512, 1024, 1536])
 def test_the_bounds_never_exceed_the_float64_distances(d):
     bank = hard_vectors(300, d, seed=d)
-    queries = np.concatenate([hard_vectors(200, d, seed=d + 1), bank[:20]])  # some at distance 0
+    near = bank[20:40] + np.random.default_rng(d).normal(size=(20, d)).astype(np.float32) * 1e-3
+    # others; the bank's first rows (distance 0) and rows a hair from them; rows
+    # far larger and far smaller than the bank's
+    queries = np.concatenate([hard_vectors(200, d, seed=d + 1), bank[:20], near, bank[40:50] * 1e3])
+    queries = np.concatenate([queries, bank[50:60] * 1e-3])
     exact = ((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1)
-    bounds = run_lower_bounds(queries, bank)
+    bounds, query_codes, bank_codes = run_lower_bounds(queries, bank)
     assert bounds.shape == exact.shape
     assert bool((bounds <= exact).all()), float((bounds - exact).max())
+    # Two products of uint8 x int8 codes never overflow int16 (CPUs without VNNI add
+    # pairs of them with saturation): the patches' codes are at most 127, the bank's
+    # within 127 in magnitude.
+    assert query_codes.max() <= 127 and query_codes.min() >= 1
+    assert np.abs(bank_codes.astype(np.int32)).max() <= 127
     # ... and useful: on typical rows (scales within 10x) a few percent below
     typical = slice(6, 200)
     gap = (exact - bounds)[typical, 6:] / exact[typical, 6:]
@@ -113,18 +128,28 @@ def test_a_filtered_search_scores_as_the_pipeline(
         assert (n_failed > 0) == some_fail
 
 
-def test_the_filter_keeps_k_neighbours_and_eq7(parts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [4, 0])
+def test_the_filter_keeps_k_neighbours_and_eq7(extra, parts, tmp_path, monkeypatch):
     model = make_patchcore(
         ratio=1.0, aggregation="reference", n_neighbors=3, reweight_neighbors=4, **SMALL
     ).fit(parts[0])
     monkeypatch.setattr(filter_module, "FILTER_MIN_VECTORS", 100)
+    monkeypatch.setattr(filter_module, "EXTRA_CANDIDATES", extra)
     runtime = export_and_load(model, tmp_path)
     assert "MatMulInteger" in [node.op_type for node in onnx.load(runtime.path).graph.node]
     assert_same_results(runtime, model, parts[1])
+    if extra == 0:  # m = k: the float32 search runs for some patches
+        assert failures(runtime, parts[1]) > 0
 
 
-def test_small_or_low_dimensional_banks_keep_the_float32_search(reference_model, parts, tmp_path):
-    low = make_patchcore(ratio=1.0, **SMALL).fit(parts[0])  # 512 x 152
-    for model in (reference_model, low):  # 512 x 1024: below 2,048 vectors; 152 values
-        ops = [node.op_type for node in onnx.load(export_and_load(model, tmp_path).path).graph.node]
-        assert "MatMulInteger" not in ops
+def test_small_or_low_dimensional_banks_keep_the_float32_search(
+    reference_model, parts, tmp_path, monkeypatch
+):
+    def ops(model):
+        return [node.op_type for node in onnx.load(export_and_load(model, tmp_path).path).graph.node]
+
+    assert "MatMulInteger" not in ops(reference_model)  # 512 x 1024: below 2,048 vectors
+    monkeypatch.setattr(filter_module, "FILTER_MIN_VECTORS", 100)
+    assert "MatMulInteger" in ops(reference_model)
+    low = make_patchcore(ratio=1.0, **SMALL).fit(parts[0])  # 512 x 152: below 512 values
+    assert "MatMulInteger" not in ops(low)
