@@ -44,6 +44,14 @@ def textured_parts(n_images: int, size: int = 64, *, defect: bool = False, seed:
 
 
 @pytest.fixture(scope="session")
+def scoring_parts():
+    """Eight good training images, and two held-out good and three defective ones to score."""
+    good = textured_parts(10, seed=1)
+    defective, _ = textured_parts(3, defect=True, seed=2)
+    return good[:8], np.concatenate([good[8:], defective])
+
+
+@pytest.fixture(scope="session")
 def good_parts():
     return textured_parts(12, seed=1)
 

@@ -48,16 +48,8 @@ RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def parts():
-    """Good training images, and held-out good and defective ones to score."""
-    good = textured_parts(10, seed=1)
-    defective, _ = textured_parts(3, defect=True, seed=2)
-    return good[:8], np.concatenate([good[8:], defective])
-
-
-@pytest.fixture(scope="module")
-def fitted(parts):
-    return make_patchcore(ratio=0.1, **SMALL).fit(parts[0])
+def fitted(scoring_parts):
+    return make_patchcore(ratio=0.1, **SMALL).fit(scoring_parts[0])
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +78,9 @@ def export_and_load(model, tmp_path, **kwargs) -> OnnxPatchCore:
 # --------------------------------------------------------------------------
 
 
-def test_scores_and_maps_equal_the_pipeline(fitted, onnx_file, parts):
+def test_scores_and_maps_equal_the_pipeline(fitted, onnx_file, scoring_parts):
     runtime = OnnxPatchCore(onnx_file)
-    maps, scores = assert_same_results(runtime, fitted, parts[1])
+    maps, scores = assert_same_results(runtime, fitted, scoring_parts[1])
     assert maps.shape == (5, 64, 64)
     assert scores[2:].min() > scores[:2].max()  # the defective parts score higher
 
@@ -120,13 +112,13 @@ class TinyNet(nn.Module):
     ],
     ids=["reference", "k3-eq7-squared-sigma0", "eq7-nearest-nonsquare", "user-module"],
 )
-def test_every_scoring_setting_is_in_the_graph(settings, parts, tmp_path):
-    model = make_patchcore(ratio=0.1, **{**SMALL, **settings}).fit(parts[0])
-    assert_same_results(export_and_load(model, tmp_path), model, parts[1])
+def test_every_scoring_setting_is_in_the_graph(settings, scoring_parts, tmp_path):
+    model = make_patchcore(ratio=0.1, **{**SMALL, **settings}).fit(scoring_parts[0])
+    assert_same_results(export_and_load(model, tmp_path), model, scoring_parts[1])
 
 
-def test_a_bank_searched_in_chunks_gives_the_same_results(parts, tmp_path, monkeypatch):
-    model = make_patchcore(ratio=0.5, n_neighbors=2, reweight_neighbors=3, **SMALL).fit(parts[0])
+def test_a_bank_searched_in_chunks_gives_the_same_results(scoring_parts, tmp_path, monkeypatch):
+    model = make_patchcore(ratio=0.5, n_neighbors=2, reweight_neighbors=3, **SMALL).fit(scoring_parts[0])
     bank_size = len(model.named_steps["detector"].memory_bank_)
     # 64 patches per image: chunks of 50 bank vectors, the last one padded.
     monkeypatch.setattr(export_module, "_BANK_CHUNK_BYTES", 64 * 4 * 50)
@@ -134,7 +126,7 @@ def test_a_bank_searched_in_chunks_gives_the_same_results(parts, tmp_path, monke
     graph = onnx.load(runtime.path).graph
     assert [node.op_type for node in graph.node].count("Scan") == 1
     assert bank_size % 50 != 0
-    assert_same_results(runtime, model, parts[1])
+    assert_same_results(runtime, model, scoring_parts[1])
 
 
 def test_a_gray_model_scores_8_and_16_bit_images_as_the_pipeline(tmp_path):
@@ -147,9 +139,11 @@ def test_a_gray_model_scores_8_and_16_bit_images_as_the_pipeline(tmp_path):
     assert_same_results(runtime, model, sixteen)
 
 
-def test_files_pil_images_and_float_arrays_read_as_the_pipeline_does(fitted, onnx_file, parts, tmp_path):
+def test_files_pil_images_and_float_arrays_read_as_the_pipeline_does(
+    fitted, onnx_file, scoring_parts, tmp_path
+):
     runtime = OnnxPatchCore(onnx_file)
-    images = parts[1]
+    images = scoring_parts[1]
     paths = []
     for index, image in enumerate(images):  # larger files: resized and cropped on the way in
         path = tmp_path / f"{index}.png"
@@ -160,16 +154,16 @@ def test_files_pil_images_and_float_arrays_read_as_the_pipeline_does(fitted, onn
     assert_same_results(runtime, fitted, images.astype(np.float32) / 255.0)
 
 
-def test_batch_size_is_free(fitted, onnx_file, parts):
-    expected = OnnxPatchCore(onnx_file, batch_size=4).predict_map(parts[1])
+def test_batch_size_is_free(fitted, onnx_file, scoring_parts):
+    expected = OnnxPatchCore(onnx_file, batch_size=4).predict_map(scoring_parts[1])
     for batch_size in (1, 2, 5):
-        got = OnnxPatchCore(onnx_file, batch_size=batch_size, n_threads=1).predict_map(parts[1])
+        got = OnnxPatchCore(onnx_file, batch_size=batch_size, n_threads=1).predict_map(scoring_parts[1])
         np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-def test_the_graph_takes_uint8_or_float_pixels_and_either_input_may_be_left_out(onnx_file, parts):
+def test_the_graph_takes_uint8_or_float_pixels_and_either_input_may_be_left_out(onnx_file, scoring_parts):
     session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
-    images = parts[1]
+    images = scoring_parts[1]
     pixels = images.astype(np.float32) / np.float32(255.0)
     from_uint8 = session.run(None, {UINT8_INPUT: images})
     from_float = session.run(None, {FLOAT_INPUT: pixels})
@@ -180,10 +174,10 @@ def test_the_graph_takes_uint8_or_float_pixels_and_either_input_may_be_left_out(
     np.testing.assert_allclose(scores, from_uint8[0], rtol=1e-5)
 
 
-def test_decisions_and_labels_follow_the_pipeline_and_its_threshold(fitted, onnx_file, parts):
+def test_decisions_and_labels_follow_the_pipeline_and_its_threshold(fitted, onnx_file, scoring_parts):
     runtime = OnnxPatchCore(onnx_file)
     detector = fitted.named_steps["detector"]
-    X = parts[1]
+    X = scoring_parts[1]
     assert runtime.threshold_ == detector.threshold_ and runtime.offset_ == detector.offset_
     decision = fitted.decision_function(X)
     np.testing.assert_allclose(runtime.decision_function(X), decision, rtol=RTOL, atol=1e-4)
@@ -193,13 +187,15 @@ def test_decisions_and_labels_follow_the_pipeline_and_its_threshold(fitted, onnx
     assert runtime.offset_ == -1e6
 
 
-def test_a_runtime_model_pickles_by_path_keeping_its_threshold(onnx_file, parts):
+def test_a_runtime_model_pickles_by_path_keeping_its_threshold(onnx_file, scoring_parts):
     import pickle
 
     runtime = OnnxPatchCore(onnx_file, n_threads=1).set_threshold(12.5)
     copy = pickle.loads(pickle.dumps(runtime))
     assert copy.threshold_ == 12.5 and copy.path == runtime.path
-    np.testing.assert_array_equal(copy.anomaly_score(parts[1]), runtime.anomaly_score(parts[1]))
+    np.testing.assert_array_equal(
+        copy.anomaly_score(scoring_parts[1]), runtime.anomaly_score(scoring_parts[1])
+    )
 
 
 # --------------------------------------------------------------------------
@@ -322,19 +318,19 @@ def test_export_refuses_unfitted_and_foreign_models(fitted, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_geometry_that_keeps_the_aspect_ratio_needs_an_input_size(parts, tmp_path):
-    model = make_patchcore(ratio=0.1, **{**SMALL, "crop_size": None}).fit(parts[0])
+def test_a_geometry_that_keeps_the_aspect_ratio_needs_an_input_size(scoring_parts, tmp_path):
+    model = make_patchcore(ratio=0.1, **{**SMALL, "crop_size": None}).fit(scoring_parts[0])
     with pytest.raises(ValueError, match=r"pass input_size=\(height, width\)"):
         export_onnx(model, tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="'input_size' parameter must be None or a"):
         export_onnx(model, tmp_path / "m.onnx", input_size=64)
     runtime = export_and_load(model, tmp_path, input_size=(64, 64))
-    assert_same_results(runtime, model, parts[1])
+    assert_same_results(runtime, model, scoring_parts[1])
     wide = np.zeros((1, 64, 96, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="takes 64x64 images"):
         runtime.predict_map(wide)
     with pytest.raises(ValueError, match="leave input_size=None"):
-        export_onnx(make_patchcore(**SMALL).fit(parts[0]), tmp_path / "n.onnx", input_size=(32, 32))
+        export_onnx(make_patchcore(**SMALL).fit(scoring_parts[0]), tmp_path / "n.onnx", input_size=(32, 32))
 
 
 def test_a_model_too_large_for_one_onnx_file_is_refused_before_any_work(fitted, tmp_path, monkeypatch):
@@ -352,10 +348,10 @@ def test_a_graph_that_disagrees_with_the_pipeline_is_not_written(fitted, tmp_pat
     assert not list(tmp_path.iterdir())
 
 
-def test_unreadable_images_can_be_skipped(onnx_file, parts, tmp_path):
+def test_unreadable_images_can_be_skipped(onnx_file, scoring_parts, tmp_path):
     runtime = OnnxPatchCore(onnx_file)
     good = tmp_path / "good.png"
-    Image.fromarray(parts[1][0]).save(good)
+    Image.fromarray(scoring_parts[1][0]).save(good)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     X = [str(good), str(tmp_path / "broken.png"), str(tmp_path / "missing.png")]
     with pytest.warns(SkippedImagesWarning, match="Skipped 2 image"):
@@ -418,9 +414,11 @@ def run_without_torch(script: str, cwd) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_runtime_scores_in_a_process_where_torch_cannot_be_imported(fitted, onnx_file, parts, tmp_path):
+def test_the_runtime_scores_in_a_process_where_torch_cannot_be_imported(
+    fitted, onnx_file, scoring_parts, tmp_path
+):
     paths = []
-    for index, image in enumerate(parts[1]):
+    for index, image in enumerate(scoring_parts[1]):
         paths.append(str(tmp_path / f"{index}.png"))
         Image.fromarray(image).save(paths[-1])
     script = f"""

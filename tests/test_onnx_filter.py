@@ -20,7 +20,6 @@ from skpatchcore import make_patchcore
 from skpatchcore._export import _Nodes
 from skpatchcore.runtime import UINT8_INPUT
 
-from .conftest import textured_parts
 from .test_export import SMALL, assert_same_results, export_and_load
 
 onnx = pytest.importorskip("onnx")
@@ -98,52 +97,44 @@ def failures(runtime, images) -> int:
 
 
 @pytest.fixture(scope="module")
-def parts():
-    """Good training images, and held-out good and defective ones (as test_export's)."""
-    good = textured_parts(10, seed=1)
-    defective, _ = textured_parts(3, defect=True, seed=2)
-    return good[:8], np.concatenate([good[8:], defective])
-
-
-@pytest.fixture(scope="module")
-def reference_model(parts):
+def reference_model(scoring_parts):
     # 1024 values per patch, 64 patches per image: a bank of 512 vectors
-    return make_patchcore(ratio=1.0, aggregation="reference", **SMALL).fit(parts[0])
+    return make_patchcore(ratio=1.0, aggregation="reference", **SMALL).fit(scoring_parts[0])
 
 
 @pytest.mark.parametrize(
     "extra, some_fail", [(4, None), (0, True), (400, False)], ids=["default", "m=k", "m=k+400"]
 )
 def test_a_filtered_search_scores_as_the_pipeline(
-    extra, some_fail, reference_model, parts, tmp_path, monkeypatch
+    extra, some_fail, reference_model, scoring_parts, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(filter_module, "FILTER_MIN_VECTORS", 100)  # 2,048 in real life
     monkeypatch.setattr(filter_module, "EXTRA_CANDIDATES", extra)
     runtime = export_and_load(reference_model, tmp_path)
     ops = [node.op_type for node in onnx.load(runtime.path).graph.node]
     assert "MatMulInteger" in ops and "Gemm" in ops  # the filter and its float32 fallback
-    assert_same_results(runtime, reference_model, parts[1])
-    n_failed = failures(runtime, parts[1])
+    assert_same_results(runtime, reference_model, scoring_parts[1])
+    n_failed = failures(runtime, scoring_parts[1])
     if some_fail is not None:
         assert (n_failed > 0) == some_fail
 
 
 @pytest.mark.parametrize("extra", [4, 0])
-def test_the_filter_keeps_k_neighbours_and_eq7(extra, parts, tmp_path, monkeypatch):
+def test_the_filter_keeps_k_neighbours_and_eq7(extra, scoring_parts, tmp_path, monkeypatch):
     model = make_patchcore(
         ratio=1.0, aggregation="reference", n_neighbors=3, reweight_neighbors=4, **SMALL
-    ).fit(parts[0])
+    ).fit(scoring_parts[0])
     monkeypatch.setattr(filter_module, "FILTER_MIN_VECTORS", 100)
     monkeypatch.setattr(filter_module, "EXTRA_CANDIDATES", extra)
     runtime = export_and_load(model, tmp_path)
     assert "MatMulInteger" in [node.op_type for node in onnx.load(runtime.path).graph.node]
-    assert_same_results(runtime, model, parts[1])
+    assert_same_results(runtime, model, scoring_parts[1])
     if extra == 0:  # m = k: the float32 search runs for some patches
-        assert failures(runtime, parts[1]) > 0
+        assert failures(runtime, scoring_parts[1]) > 0
 
 
 def test_small_or_low_dimensional_banks_keep_the_float32_search(
-    reference_model, parts, tmp_path, monkeypatch
+    reference_model, scoring_parts, tmp_path, monkeypatch
 ):
     def ops(model):
         return [node.op_type for node in onnx.load(export_and_load(model, tmp_path).path).graph.node]
@@ -151,5 +142,5 @@ def test_small_or_low_dimensional_banks_keep_the_float32_search(
     assert "MatMulInteger" not in ops(reference_model)  # 512 x 1024: below 2,048 vectors
     monkeypatch.setattr(filter_module, "FILTER_MIN_VECTORS", 100)
     assert "MatMulInteger" in ops(reference_model)
-    low = make_patchcore(ratio=1.0, **SMALL).fit(parts[0])  # 512 x 152: below 512 values
+    low = make_patchcore(ratio=1.0, **SMALL).fit(scoring_parts[0])  # 512 x 152: below 512 values
     assert "MatMulInteger" not in ops(low)
