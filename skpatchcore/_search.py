@@ -471,12 +471,16 @@ class _Workspace:
 
     def __init__(self, n_rows: int, n_bank: int, width: int, n_dims: int):
         self.n_rows = n_rows
-        self.left = torch.zeros((n_rows, width), dtype=torch.bfloat16)
-        self.left[:, n_dims] = 1.0
-        self.centred = torch.empty((n_rows, n_dims), dtype=torch.float32)
-        self.product = torch.empty((n_rows, n_bank), dtype=torch.bfloat16)
+        # Normal tensors even when made under torch.inference_mode (a search in
+        # export_onnx's check, say): the buffers are reused, and written in place,
+        # by later searches outside it, which inference tensors refuse.
+        with torch.inference_mode(False):
+            self.left = torch.zeros((n_rows, width), dtype=torch.bfloat16)
+            self.left[:, n_dims] = 1.0
+            self.centred = torch.empty((n_rows, n_dims), dtype=torch.float32)
+            self.product = torch.empty((n_rows, n_bank), dtype=torch.bfloat16)
+            self.pairs = torch.empty((2, _PAIR_ROWS, n_dims), dtype=torch.float32)
         self.listed = np.empty((n_rows, n_bank), dtype=bool)
-        self.pairs = torch.empty((2, _PAIR_ROWS, n_dims), dtype=torch.float32)
 
 
 def _filter_wanted(n_vectors: int, n_dims: int) -> bool:

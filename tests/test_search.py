@@ -385,6 +385,17 @@ def test_queries_the_filter_leaves_are_searched_by_faiss(filtered, monkeypatch, 
         np.testing.assert_array_equal(indices.numpy(), expected_indices)
 
 
+def test_a_filter_first_used_under_inference_mode_serves_searches_outside_it(filtered):
+    """Its reused buffers are made under torch.inference_mode by the first search
+    (export_onnx checks the file that way) and written in place by later ones."""
+    bank, queries = _search_data("clustered", np.random.default_rng(2))
+    index = NearestNeighborIndex(bank, CPU)
+    with torch.inference_mode():
+        inside = index.search(torch.from_numpy(queries), 2)
+    outside = index.search(torch.from_numpy(queries), 2)
+    assert torch.equal(inside[0], outside[0]) and torch.equal(inside[1], outside[1])
+
+
 def test_filtered_search_from_threads_at_once(filtered):
     """Threads share the index (and take turns with its buffers)."""
     from concurrent.futures import ThreadPoolExecutor
