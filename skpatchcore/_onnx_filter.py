@@ -9,9 +9,9 @@ squared distance ``|x - y|^2`` from the int8 product, keeps the ``m`` bank
 vectors with the smallest bounds, computes their distances exactly and keeps
 the ``k`` nearest of those. A patch is **certified** when the ``(m+1)``-th
 smallest bound is at least its k-th exact distance (inflated by the float32
-error of that sum): then no other bank vector can be nearer. The patches that
-are not certified (about 1 % on the shared data sets) are searched again with
-the full float32 product. The neighbours are the exact search's: the same as
+error of that sum): then no other bank vector can be nearer. The patches
+that are not certified (about 5 % on MPDD at the reference settings) are
+searched again with the full float32 product. The neighbours are the exact search's: the same as
 the float32 product finds, up to float32 rounding of near-ties.
 
 The bound. Each bank row ``y`` is stored as ``s_y * Y`` with ``Y`` int8 and
