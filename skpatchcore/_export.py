@@ -28,11 +28,11 @@ Nearest neighbours (built node by node with :mod:`onnx.helper`)
     smallest ``|y|^2 - 2 <x, y>`` (one Gemm, ArgMin or TopK), ``x`` the
     centred patch vector; their distances are then computed exactly, as the
     sum of squared differences, so the float32 cancellation of the norm
-    expansion never reaches a score. A bank of 2,048 vectors or more of 512 values or
-    more (the reference settings) finds its candidates with an int8 product
-    and proven bounds instead (:mod:`skpatchcore._onnx_filter`; same
-    neighbours, the int8 copy of the bank adds a quarter to the file). A bank larger than
-    ``_BANK_CHUNK_BYTES`` per image's worth of products is searched in
+    expansion never reaches a score. A bank of 2,048 vectors or more of 512
+    values or more (the reference settings) finds its candidates with an int8
+    product and proven bounds instead (:mod:`skpatchcore._onnx_filter`; same
+    neighbours, the int8 copy of the bank adds a quarter to the file). A bank
+    larger than ``_BANK_CHUNK_BYTES`` per image's worth of products is searched in
     equal chunks by a Scan node (the last one padded with vectors that are
     never nearest): memory stays bounded whatever the bank size, and the
     limit is the ONNX file itself (2 GiB, a protobuf limit). ``n_neighbors``
@@ -433,6 +433,10 @@ class _Nodes:
         self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
+    def ints(self, values, hint: str = "axes") -> str:
+        """A constant int64 vector (axes, sizes, slice bounds)."""
+        return self.const(np.array(values, dtype=np.int64), hint)
+
     def op(self, op_type: str, inputs, hint: str | None = None, n_outputs: int = 1, **attributes):
         from onnx import helper
 
@@ -488,16 +492,16 @@ class _ScoringGraph:
         # Exact squared distances to the candidates: sum of squared differences.
         near = self._rows(g, bank, candidates)  # (N, k, d)
         diff = g.op("Sub", [g.op("Unsqueeze", [centred, g.const(np.array([1], dtype=np.int64))]), near])
-        squared = g.op("ReduceSum", [g.op("Mul", [diff, diff]), _axes(g, [2])], "squared", keepdims=0)
+        squared = g.op("ReduceSum", [g.op("Mul", [diff, diff]), g.ints([2])], "squared", keepdims=0)
         if self.k > 1:  # back in order of the exact distances
             squared, order = g.op(
-                "TopK", [squared, _axes(g, [self.k])], "sorted", n_outputs=2, largest=0, sorted=1
+                "TopK", [squared, g.ints([self.k])], "sorted", n_outputs=2, largest=0, sorted=1
             )
             candidates = g.op("GatherElements", [candidates, order], axis=1)
         distances = squared if self.squared else g.op("Sqrt", [squared], "distances")
-        patch = g.op("ReduceMean", [distances, _axes(g, [1])], "patch_scores", keepdims=0)  # (N,)
+        patch = g.op("ReduceMean", [distances, g.ints([1])], "patch_scores", keepdims=0)  # (N,)
         per_image = g.op("Reshape", [patch, g.const(np.array([-1, h * w], dtype=np.int64))])
-        scores = g.op("ReduceMax", [per_image, _axes(g, [1])], "image_scores", keepdims=0)
+        scores = g.op("ReduceMax", [per_image, g.ints([1])], "image_scores", keepdims=0)
         if self.support is not None:
             scores = g.op("Mul", [scores, self._reweighting(g, queries, per_image, candidates, bank)])
         grid = g.op("Reshape", [patch, g.const(np.array([-1, h, w], dtype=np.int64))], "grid")
@@ -593,7 +597,7 @@ class _ScoringGraph:
         worst = g.op("ArgMax", [per_image], "worst", axis=1, keepdims=1)  # (B, 1), first of equals
         first = g.op("Gather", [candidates, g.const(np.array(0, dtype=np.int64))], axis=1)  # (N,)
         nearest = g.op("Reshape", [first, g.const(np.array([-1, h * w], dtype=np.int64))])
-        m_star = g.op("Squeeze", [g.op("GatherElements", [nearest, worst], axis=1), _axes(g, [1])])
+        m_star = g.op("Squeeze", [g.op("GatherElements", [nearest, worst], axis=1), g.ints([1])])
         vectors = g.op("Reshape", [queries, g.const(np.array([-1, h * w, self.n_dims], dtype=np.int64))])
         patch = g.op("GatherND", [vectors, worst], "worst_patch", batch_dims=1)  # (B, d), not centred
         centred = g.op("Sub", [patch, g.const(self.mean[None, :])])
@@ -607,20 +611,16 @@ class _ScoringGraph:
         nearest_vector = as_double(self._rows(g, bank, m_star))  # (B, d)
         one = g.const(np.array([1], dtype=np.int64))
         diff = g.op("Sub", [g.op("Unsqueeze", [patch64, one]), neighbours])
-        to_support = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [diff, diff]), _axes(g, [2])], keepdims=0)])
+        to_support = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [diff, diff]), g.ints([2])], keepdims=0)])
         diff = g.op("Sub", [patch64, nearest_vector])
-        to_nearest = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [diff, diff]), _axes(g, [1])], keepdims=0)])
+        to_nearest = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [diff, diff]), g.ints([1])], keepdims=0)])
         # 1 - softmax over the support, taken at m*, computed stably
-        shift = g.op("ReduceMax", [to_support, _axes(g, [1])], keepdims=0)
+        shift = g.op("ReduceMax", [to_support, g.ints([1])], keepdims=0)
         top = g.op("Exp", [g.op("Sub", [to_nearest, shift])])
         spread = g.op("Exp", [g.op("Sub", [to_support, g.op("Unsqueeze", [shift, one])])])
-        share = g.op("Div", [top, g.op("ReduceSum", [spread, _axes(g, [1])], keepdims=0)])
+        share = g.op("Div", [top, g.op("ReduceSum", [spread, g.ints([1])], keepdims=0)])
         weight = g.op("Sub", [g.const(np.array(1.0, dtype=np.float64)), share])
         return g.op("Cast", [weight], "reweighting", to=TensorProto.FLOAT)
-
-
-def _axes(g: _Nodes, axes: list[int]) -> str:
-    return g.const(np.array(axes, dtype=np.int64), "axes")
 
 
 # --------------------------------------------------------------------------

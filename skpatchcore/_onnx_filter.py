@@ -11,8 +11,9 @@ the ``k`` nearest of those. A patch is **certified** when the ``(m+1)``-th
 smallest bound is at least its k-th exact distance (inflated by the float32
 error of that sum): then no other bank vector can be nearer. The patches
 that are not certified (about 5 % on MPDD at the reference settings) are
-searched again with the full float32 product. The neighbours are the exact search's: the same as
-the float32 product finds, up to float32 rounding of near-ties.
+searched again with the full float32 product. The neighbours are the exact
+search's: the same as the float32 product finds, up to float32 rounding of
+near-ties.
 
 The bound. Each bank row ``y`` is stored as ``s_y * Y`` with ``Y`` int8 and
 ``s_y = max|y| / 127`` (rounded once, in float64, at export; a zero row is
@@ -32,12 +33,11 @@ X.Y| <= s_y |x|_1 / 2 + s_x |y|_1 / 2 + 3 d s_x s_y / 4``, so
 the 1e-3 covering the float32 roundings of ``x / s_x`` and of ``|x|_1``,
 ``eps`` those of ``|x|^2`` (a float32 sum of d squares: up to d + 1 units of
 2^-24) and of the bound's own arithmetic (about ten units of 2^-24 of
-``(|x| + |y|)^2``). Everything but the int8 product is a
-rank-5 outer product ``U V`` (``U`` per patch, ``V`` per bank vector). The
-graph computes the bound divided by ``s_x`` (a patch's ranking does not change,
-and its certificate compares ``s_x`` times the threshold): ``-2 s_y X.Y + (U /
-s_x) V``: one int8 product, a cast, the column scales, one (N, 5) x (5, M)
-product and one sum.
+``(|x| + |y|)^2``). Everything but the int8 product is a rank-5 outer product
+``U V`` (``U`` per patch, ``V`` per bank vector). The graph computes the bound
+divided by ``s_x`` (a patch's ranking does not change, and its certificate
+compares ``s_x`` times the threshold): ``-2 s_y X.Y + (U / s_x) V``: one int8
+product, a cast, the column scales, one (N, 5) x (5, M) product and one sum.
 """
 
 from __future__ import annotations
@@ -113,28 +113,29 @@ class Int8Filter:
         ``fallback(g, rows)``: the float32 search's candidate indices (n, k)
         of the patches ``rows`` (n, d), run on the patches not certified.
         """
-        i64 = lambda values: g.const(np.array(values, dtype=np.int64))  # noqa: E731
         bounds, scale = self.lower_bounds(g, centred)
         values, indices = g.op(
-            "TopK", [bounds, i64([self.m + 1])], "filter_topk", n_outputs=2, largest=0, sorted=1
+            "TopK", [bounds, g.ints([self.m + 1])], "filter_topk", n_outputs=2, largest=0, sorted=1
         )
-        chosen = g.op("Slice", [indices, i64([0]), i64([self.m]), i64([1])], "filter_chosen")
-        threshold = g.op("Slice", [values, i64([self.m]), i64([self.m + 1]), i64([1])])
+        chosen = g.op("Slice", [indices, g.ints([0]), g.ints([self.m]), g.ints([1])], "filter_chosen")
+        threshold = g.op("Slice", [values, g.ints([self.m]), g.ints([self.m + 1]), g.ints([1])])
         threshold = g.op("Mul", [threshold, scale], "filter_threshold")  # the bound itself
         # Exact squared distances to the m chosen: sums of squared differences.
         rows = g.op("Gather", [bank, chosen], axis=0)  # (N, m, d)
-        diff = g.op("Sub", [g.op("Unsqueeze", [centred, i64([1])]), rows])
-        squared = g.op("ReduceSumSquare", [diff, i64([2])], keepdims=0)
-        best, order = g.op("TopK", [squared, i64([self.k])], "filter_best", n_outputs=2, largest=0, sorted=1)
+        diff = g.op("Sub", [g.op("Unsqueeze", [centred, g.ints([1])]), rows])
+        squared = g.op("ReduceSumSquare", [diff, g.ints([2])], keepdims=0)
+        best, order = g.op(
+            "TopK", [squared, g.ints([self.k])], "filter_best", n_outputs=2, largest=0, sorted=1
+        )
         nearest = g.op("GatherElements", [chosen, order], "filter_nearest", axis=1)
-        kth = g.op("Slice", [best, i64([self.k - 1]), i64([self.k]), i64([1])])
+        kth = g.op("Slice", [best, g.ints([self.k - 1]), g.ints([self.k]), g.ints([1])])
         # Certified: every other bank vector's bound reaches the k-th distance, which
         # a float32 sum of d squares may understate by d units of 2^-24 (twice over).
         n_dims = int(self.codes.shape[1])
         margin = np.float32(1.0 + 2 * n_dims * 2.0**-24 + 1e-6)
         certified = g.op("GreaterOrEqual", [threshold, g.op("Mul", [kth, g.const(margin)])])
         # NaN fails too, and takes the float32 path, as it would without the filter.
-        failed = g.op("Not", [g.op("Squeeze", [certified, i64([1])])], "filter_failed")
+        failed = g.op("Not", [g.op("Squeeze", [certified, g.ints([1])])], "filter_failed")
         where = g.op("Transpose", [g.op("NonZero", [failed])], perm=[1, 0])  # (n, 1)
         again = fallback(g, g.op("GatherND", [centred, where]))  # (n, k) int64
         return g.op("ScatterND", [nearest, where, again], "filter_candidates")
@@ -144,9 +145,8 @@ class Int8Filter:
         vectors, each row divided by its patch's scale; and the scales (N, 1)."""
         from onnx import TensorProto
 
-        i64 = lambda values: g.const(np.array(values, dtype=np.int64))  # noqa: E731
         magnitude = g.op("Abs", [centred])
-        largest = g.op("ReduceMax", [magnitude, i64([1])], keepdims=1)
+        largest = g.op("ReduceMax", [magnitude, g.ints([1])], keepdims=1)
         # At least 1e-6 of the bank's largest entry (a zero or tiny patch: codes 0,
         # still within half a step), so that the bounds divided by it stay finite.
         floor = g.const(self.floor)
@@ -161,9 +161,9 @@ class Int8Filter:
         # (DequantizeLinear, per column, took longer than this Cast and Mul)
         product = g.op("Cast", [product], to=TensorProto.FLOAT)
         scaled = g.op("Mul", [product, g.const(self.scale_row, "filter_scales")])
-        sq_norm = g.op("ReduceSum", [g.op("Mul", [centred, centred]), i64([1])], keepdims=1)
+        sq_norm = g.op("ReduceSum", [g.op("Mul", [centred, centred]), g.ints([1])], keepdims=1)
         norm = g.op("Sqrt", [sq_norm])
-        l1 = g.op("ReduceSum", [magnitude, i64([1])], keepdims=1)
+        l1 = g.op("ReduceSum", [magnitude, g.ints([1])], keepdims=1)
         minus = lambda name: g.op("Neg", [name])  # noqa: E731
         one = g.op("Div", [scale, scale])  # exactly 1: the scale is positive and finite
         left = g.op("Concat", [one, sq_norm, minus(l1), minus(scale), minus(norm)], "filter_left", axis=1)
