@@ -376,20 +376,29 @@ class _FeatureGraph(nn.Module):
         self.n_channels = features.n_channels_
         self.out_dim = features.n_features_out_
         self.maps = nn.ModuleList(_StageMap(stage_map) for stage_map in features._stage_maps)
+        bounds = [(m.rows.start, m.rows.stop) for m in self.maps]
+        self.tiled = [start for start, _ in bounds] == [0] + [stop for _, stop in bounds[:-1]] and (
+            bounds[-1][1] == self.out_dim
+        )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2)
         if self.n_channels == 1:
             x = x.expand(-1, 3, -1, -1)
-        fused = None
+        parts = []
         for stage, stage_map in zip(self.stages(x), self.maps):
             part = stage_map(stage)
             if tuple(part.shape[-2:]) != self.grid:
                 part = F.interpolate(part, size=self.grid, mode="bilinear", align_corners=False)
-            # Zeros on the channels other stages fill: adding them changes no value.
-            rows = stage_map.rows
-            part = F.pad(part, (0, 0, 0, 0, rows.start, self.out_dim - rows.stop))
-            fused = part if fused is None else fused + part
+            parts.append(part)
+        if self.tiled:  # each stage fills the rows after the previous one's
+            fused = torch.cat(parts, dim=1)
+        else:  # zeros on the rows other stages fill: adding them changes no value
+            fused = None
+            for part, stage_map in zip(parts, self.maps):
+                rows = stage_map.rows
+                part = F.pad(part, (0, 0, 0, 0, rows.start, self.out_dim - rows.stop))
+                fused = part if fused is None else fused + part
         return fused.permute(0, 2, 3, 1)
 
 

@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,6 +101,14 @@ def _fixed_input_size(geometry: Geometry) -> tuple[int, int] | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the system tells it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _onnxruntime():
     try:
         import onnxruntime
@@ -139,11 +148,24 @@ class OnnxPatchCore:
         image as larger batches, with the least memory), 8 when the first
         provider is another device (a GPU).
     n_threads : int or None, default=None
-        Threads of onnxruntime's intra-op pool; None lets onnxruntime choose
-        (one per physical core).
+        CPU threads. With ``parallel="images"``: batches read and scored at
+        once, None: one per CPU this process may use. With
+        ``parallel="operators"``: the threads of onnxruntime's intra-op pool,
+        None: onnxruntime's choice (one per physical core).
+    parallel : {"auto", "images", "operators"}, default="auto"
+        How the work of many images is spread over the CPU. ``"images"``:
+        each thread reads and scores its own batches, and every run of the
+        graph is single-threaded; the most images per second, because
+        onnxruntime keeps one core of two busy only part of a run of this
+        graph. ``"operators"``: one batch at a time, each run's operators
+        spread over onnxruntime's pool; the shortest wait for a call with a
+        single image (whose one run gets one thread with ``"images"``).
+        ``"auto"``: ``"images"`` on the CPU, ``"operators"`` when
+        the first provider is another device. With ``"images"`` the memory
+        of ``n_threads`` runs is in use at once.
     session_options : onnxruntime.SessionOptions, default=None
-        Further onnxruntime settings; ``n_threads`` overrides its
-        ``intra_op_num_threads`` when given.
+        Further onnxruntime settings; ``n_threads`` and ``parallel`` set its
+        ``intra_op_num_threads``.
 
     Attributes
     ----------
@@ -165,6 +187,10 @@ class OnnxPatchCore:
         size, scoring settings, the package version that wrote it, ...).
     providers_ : list of str
         The providers onnxruntime actually uses.
+    parallel_ : {"images", "operators"}
+        How the work is spread (``parallel`` with ``"auto"`` resolved).
+    n_workers_ : int
+        Batches read and scored at once (1 with ``"operators"``).
 
     See Also
     --------
@@ -180,7 +206,16 @@ class OnnxPatchCore:
     array([1])
     """
 
-    def __init__(self, path, *, providers=None, batch_size="auto", n_threads=None, session_options=None):
+    def __init__(
+        self,
+        path,
+        *,
+        providers=None,
+        batch_size="auto",
+        n_threads=None,
+        parallel="auto",
+        session_options=None,
+    ):
         onnxruntime = _onnxruntime()
         if not (_positive_int(batch_size) or batch_size == "auto"):
             raise ValueError(
@@ -188,8 +223,17 @@ class OnnxPatchCore:
             )
         if not (n_threads is None or _positive_int(n_threads)):
             raise ValueError(f"The 'n_threads' parameter must be a positive int or None; got {n_threads!r}.")
+        if parallel not in ("auto", "images", "operators"):
+            raise ValueError(
+                f"The 'parallel' parameter must be 'auto', 'images' or 'operators'; got {parallel!r}."
+            )
         self.path = Path(path)
-        self._arguments = {"providers": providers, "batch_size": batch_size, "n_threads": n_threads}
+        self._arguments = {
+            "providers": providers,
+            "batch_size": batch_size,
+            "n_threads": n_threads,
+            "parallel": parallel,
+        }
         # Checked block by block, then read by onnxruntime itself: the file's
         # bytes are never held twice (a model with a large bank can be big).
         _verify(self.path)
@@ -200,9 +244,18 @@ class OnnxPatchCore:
             options.log_severity_level = 3
         else:
             options = session_options
-        if n_threads is not None:
-            options.intra_op_num_threads = n_threads
         wanted = ["CPUExecutionProvider"] if providers is None else _check_providers(providers, onnxruntime)
+        if parallel == "auto":
+            parallel = "images" if wanted[0] == "CPUExecutionProvider" else "operators"
+        self.parallel_ = parallel
+        if parallel == "images":
+            # Each run in the thread that calls it; the threads are ours.
+            options.intra_op_num_threads = 1
+            self.n_workers_ = n_threads or _usable_cpus()
+        else:
+            if n_threads is not None:
+                options.intra_op_num_threads = n_threads
+            self.n_workers_ = 1
         try:
             self._session = onnxruntime.InferenceSession(os.fspath(self.path), options, providers=wanted)
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own error types
@@ -292,21 +345,22 @@ class OnnxPatchCore:
                     raise
                 return None, str(error)
 
-        workers = max(1, min(8, os.cpu_count() or 1, self.batch_size))
-        with ThreadPoolExecutor(max_workers=workers) as decoders:
-            for start in range(0, len(valid), self.batch_size):
-                rows = valid[start : start + self.batch_size]
-                loaded = list(decoders.map(load_one, rows)) if len(rows) > 1 else [load_one(rows[0])]
-                kept, pixels = [], []
-                for i, (image, problem) in zip(rows, loaded):
-                    if problem is not None:
-                        failed[i] = problem
-                    else:
-                        kept.append(i)
-                        pixels.append(image)
-                if not kept:
-                    continue
-                batch_maps, batch_scores = self._run_batch(pixels)
+        def score(rows, loaded):
+            """``rows``' images, read: the rows scored and their maps and scores, or None."""
+            kept, pixels = [], []
+            for i, (image, problem) in zip(rows, loaded):
+                if problem is None:
+                    kept.append(i)
+                    pixels.append(image)
+            return (kept, *self._run_batch(pixels)) if kept else None
+
+        batches = [valid[start : start + self.batch_size] for start in range(0, len(valid), self.batch_size)]
+        for rows, loaded, scored in self._scored_batches(batches, load_one, score):
+            for i, (_, problem) in zip(rows, loaded):
+                if problem is not None:
+                    failed[i] = problem
+            if scored is not None:
+                kept, batch_maps, batch_scores = scored
                 maps[kept] = batch_maps
                 scores[kept] = batch_scores
         if failed:
@@ -314,6 +368,36 @@ class OnnxPatchCore:
             if len(failed) == n_images:
                 raise ImageReadError("No image of X could be read: " + "; ".join(failed.values())[:2000])
         return maps, scores
+
+    def _scored_batches(self, batches, load_one, score):
+        """``(rows, loaded, scored)`` for each batch, in order; the work spread as ``parallel_`` says."""
+        if self.parallel_ == "operators":  # one batch at a time; its images read side by side
+            workers = max(1, min(8, os.cpu_count() or 1, self.batch_size))
+            with ThreadPoolExecutor(max_workers=workers) as decoders:
+                for rows in batches:
+                    loaded = list(decoders.map(load_one, rows)) if len(rows) > 1 else [load_one(rows[0])]
+                    yield rows, loaded, score(rows, loaded)
+            return
+
+        def read_and_score(rows):
+            loaded = [load_one(i) for i in rows]
+            return rows, loaded, score(rows, loaded)
+
+        # Each thread reads and scores whole batches; a few batches ahead at
+        # most, so that memory stays bounded however many images come.
+        workers = min(self.n_workers_, len(batches))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            running = deque()
+            try:
+                for rows in batches:
+                    running.append(pool.submit(read_and_score, rows))
+                    if len(running) >= 2 * workers:
+                        yield running.popleft().result()
+                while running:
+                    yield running.popleft().result()
+            finally:  # an error, or the caller stopped: nothing more is read
+                for future in running:
+                    future.cancel()
 
     def _run_batch(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """One run of the graph on model inputs (h, w, c): uint8, or float32 in [0, 1]."""

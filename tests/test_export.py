@@ -154,11 +154,23 @@ def test_files_pil_images_and_float_arrays_read_as_the_pipeline_does(
     assert_same_results(runtime, fitted, images.astype(np.float32) / 255.0)
 
 
-def test_batch_size_is_free(fitted, onnx_file, scoring_parts):
-    expected = OnnxPatchCore(onnx_file, batch_size=4).predict_map(scoring_parts[1])
+def test_batch_size_and_the_spread_of_the_work_are_free(fitted, onnx_file, scoring_parts):
+    expected = OnnxPatchCore(onnx_file, batch_size=4, parallel="operators").predict_map(scoring_parts[1])
     for batch_size in (1, 2, 5):
-        got = OnnxPatchCore(onnx_file, batch_size=batch_size, n_threads=1).predict_map(scoring_parts[1])
-        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        for parallel, n_threads in (("operators", 1), ("images", 1), ("images", 3), ("auto", None)):
+            runtime = OnnxPatchCore(onnx_file, batch_size=batch_size, n_threads=n_threads, parallel=parallel)
+            np.testing.assert_allclose(runtime.predict_map(scoring_parts[1]), expected, rtol=1e-5)
+    assert runtime.parallel_ == "images" and runtime.n_workers_ >= 1
+    assert OnnxPatchCore(onnx_file, parallel="operators", n_threads=2).n_workers_ == 1
+
+
+def test_images_scored_side_by_side_come_back_in_order(onnx_file, scoring_parts):
+    images = np.concatenate([scoring_parts[1], scoring_parts[1][::-1]])
+    one_by_one = [
+        OnnxPatchCore(onnx_file, parallel="operators").anomaly_score(image[None]) for image in images
+    ]
+    side_by_side = OnnxPatchCore(onnx_file, parallel="images", n_threads=4).anomaly_score(images)
+    np.testing.assert_allclose(side_by_side, np.concatenate(one_by_one), rtol=1e-5)
 
 
 def test_the_graph_takes_uint8_or_float_pixels_and_either_input_may_be_left_out(onnx_file, scoring_parts):
@@ -348,15 +360,18 @@ def test_a_graph_that_disagrees_with_the_pipeline_is_not_written(fitted, tmp_pat
     assert not list(tmp_path.iterdir())
 
 
-def test_unreadable_images_can_be_skipped(onnx_file, scoring_parts, tmp_path):
-    runtime = OnnxPatchCore(onnx_file)
+@pytest.mark.parametrize("parallel", ["images", "operators"])
+def test_unreadable_images_can_be_skipped(onnx_file, scoring_parts, tmp_path, parallel):
+    runtime = OnnxPatchCore(onnx_file, parallel=parallel, n_threads=2)
     good = tmp_path / "good.png"
     Image.fromarray(scoring_parts[1][0]).save(good)
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    X = [str(good), str(tmp_path / "broken.png"), str(tmp_path / "missing.png")]
+    X = [str(good), str(tmp_path / "broken.png"), str(good), str(tmp_path / "missing.png"), str(good)]
     with pytest.warns(SkippedImagesWarning, match="Skipped 2 image"):
         maps, scores = runtime.predict_map(X, return_scores=True, on_error="skip")
-    assert np.isfinite(scores[0]) and np.isnan(scores[1:]).all() and np.isnan(maps[1:]).all()
+    kept = np.array([True, False, True, False, True])
+    assert np.isfinite(scores[kept]).all() and np.isnan(scores[~kept]).all() and np.isnan(maps[~kept]).all()
+    assert scores[0] == scores[2] == scores[4]
     with pytest.raises(ValueError, match="'on_error' parameter must be 'raise' or 'skip'"):
         runtime.anomaly_score(X, on_error="ignore")
     with pytest.raises(ValueError, match="broken.png"):
@@ -370,6 +385,8 @@ def test_bad_runtime_parameters_name_what_is_accepted(onnx_file):
         OnnxPatchCore(onnx_file, batch_size=0)
     with pytest.raises(ValueError, match="'n_threads' parameter"):
         OnnxPatchCore(onnx_file, n_threads="two")
+    with pytest.raises(ValueError, match="'parallel' parameter must be 'auto', 'images' or 'operators'"):
+        OnnxPatchCore(onnx_file, parallel="threads")
 
 
 def test_without_onnxruntime_the_error_says_what_to_install(onnx_file, monkeypatch):
