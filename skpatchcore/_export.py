@@ -735,7 +735,7 @@ def _check_file(path: Path, model) -> None:
         return
     from .runtime import OnnxPatchCore
 
-    runtime = OnnxPatchCore(path, n_threads=max(1, torch.get_num_threads()))
+    runtime = OnnxPatchCore(path, n_threads=max(1, torch.get_num_threads()), parallel="operators")
     height, width = runtime.input_size_
     # Random 8 x 8 px blocks: edges and flat areas for every stage, not pure noise.
     blocks = np.random.default_rng(0).integers(

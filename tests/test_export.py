@@ -160,17 +160,63 @@ def test_batch_size_and_the_spread_of_the_work_are_free(fitted, onnx_file, scori
         for parallel, n_threads in (("operators", 1), ("images", 1), ("images", 3), ("auto", None)):
             runtime = OnnxPatchCore(onnx_file, batch_size=batch_size, n_threads=n_threads, parallel=parallel)
             np.testing.assert_allclose(runtime.predict_map(scoring_parts[1]), expected, rtol=1e-5)
-    assert runtime.parallel_ == "images" and runtime.n_workers_ >= 1
-    assert OnnxPatchCore(onnx_file, parallel="operators", n_threads=2).n_workers_ == 1
+
+
+def test_the_two_ways_of_using_the_cpu_set_the_sessions_threads(onnx_file):
+    import skpatchcore.runtime as runtime_module
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 3
+    images = OnnxPatchCore(onnx_file, session_options=options)
+    assert images.parallel_ == "images" and images.n_workers_ == runtime_module._usable_cpus()
+    assert images._session.get_session_options().intra_op_num_threads == 1
+    assert options.intra_op_num_threads == 3  # the caller's object is left as it was
+    operators = OnnxPatchCore(onnx_file, parallel="operators", n_threads=2, session_options=options)
+    assert operators.n_workers_ == 1 and operators._session.get_session_options().intra_op_num_threads == 2
+    assert OnnxPatchCore(onnx_file, parallel="images", n_threads=5).n_workers_ == 5
+    assert 1 <= runtime_module._usable_cpus() <= (os.cpu_count() or 1)
 
 
 def test_images_scored_side_by_side_come_back_in_order(onnx_file, scoring_parts):
-    images = np.concatenate([scoring_parts[1], scoring_parts[1][::-1]])
-    one_by_one = [
-        OnnxPatchCore(onnx_file, parallel="operators").anomaly_score(image[None]) for image in images
-    ]
-    side_by_side = OnnxPatchCore(onnx_file, parallel="images", n_threads=4).anomaly_score(images)
-    np.testing.assert_allclose(side_by_side, np.concatenate(one_by_one), rtol=1e-5)
+    order = [3, 0, 4, 1, 2, 2, 4, 0]
+    images = scoring_parts[1][order]
+    single = OnnxPatchCore(onnx_file, parallel="operators")
+    one_by_one = np.concatenate([single.anomaly_score(image[None]) for image in images])
+    assert len(np.unique(one_by_one.round(4))) == 5  # five different images, told apart by score
+    for batch_size in (1, 3):
+        side_by_side = OnnxPatchCore(onnx_file, parallel="images", n_threads=3, batch_size=batch_size)
+        np.testing.assert_allclose(side_by_side.anomaly_score(images), one_by_one, rtol=1e-5)
+
+
+def test_batches_side_by_side_are_yielded_in_order_a_bounded_window_ahead(onnx_file):
+    import threading
+    import time
+
+    runtime = OnnxPatchCore(onnx_file, parallel="images", n_threads=3)
+    started, lock = [], threading.Lock()
+
+    def load_one(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.002 * (20 - i % 20))  # early rows are read slowest
+        if i == 25:
+            raise ValueError("row 25 cannot be read")
+        return i, None
+
+    def score(rows, loaded):
+        return list(rows)
+
+    batches = [[i] for i in range(40)]
+    results = runtime._scored_batches(batches, load_one, score)
+    for expected in range(10):
+        rows, problems, scored = next(results)
+        assert rows == scored == [expected] and problems == [None]
+        # At most 2 x 3 batches were handed to the threads ahead of the one yielded.
+        assert len(started) <= expected + 1 + 2 * 3
+    results.close()  # the caller stops: nothing more is read
+    assert len(started) <= 10 + 2 * 3
+    with pytest.raises(ValueError, match="row 25"):
+        list(runtime._scored_batches(batches, load_one, score))
 
 
 def test_the_graph_takes_uint8_or_float_pixels_and_either_input_may_be_left_out(onnx_file, scoring_parts):
@@ -365,17 +411,21 @@ def test_unreadable_images_can_be_skipped(onnx_file, scoring_parts, tmp_path, pa
     runtime = OnnxPatchCore(onnx_file, parallel=parallel, n_threads=2)
     good = tmp_path / "good.png"
     Image.fromarray(scoring_parts[1][0]).save(good)
-    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")  # refused when the files are opened
+    (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:300])  # fails later, when decoded
     X = [str(good), str(tmp_path / "broken.png"), str(good), str(tmp_path / "missing.png"), str(good)]
-    with pytest.warns(SkippedImagesWarning, match="Skipped 2 image"):
+    X += [str(tmp_path / "truncated.png"), str(good)]
+    with pytest.warns(SkippedImagesWarning, match="Skipped 3 image"):
         maps, scores = runtime.predict_map(X, return_scores=True, on_error="skip")
-    kept = np.array([True, False, True, False, True])
+    kept = np.array([True, False, True, False, True, False, True])
     assert np.isfinite(scores[kept]).all() and np.isnan(scores[~kept]).all() and np.isnan(maps[~kept]).all()
-    assert scores[0] == scores[2] == scores[4]
+    np.testing.assert_allclose(scores[kept], scores[0], rtol=1e-6)
     with pytest.raises(ValueError, match="'on_error' parameter must be 'raise' or 'skip'"):
         runtime.anomaly_score(X, on_error="ignore")
     with pytest.raises(ValueError, match="broken.png"):
         runtime.anomaly_score(X)
+    with pytest.raises(ValueError, match="truncated.png"):
+        runtime.anomaly_score([str(good)] * 4 + [str(tmp_path / "truncated.png"), str(good)])
 
 
 def test_bad_runtime_parameters_name_what_is_accepted(onnx_file):
