@@ -452,9 +452,7 @@ def speed_table(merged: dict, ratios: list[float], settings: list[str]) -> str:
                     share = onnx["peak_rss_mb"] / run["peak_rss_mb"]
                     if kind == "torch":
                         target, met = ">= 1x faster", speedup >= 1.0
-                    elif kind == "onnx_operators":
-                        pass
-                    else:
+                    elif kind == "plain":
                         parts = [f"RSS <= {RSS_SHARE_TARGET:g}x"]
                         met = share <= RSS_SHARE_TARGET
                         if ratio == 0.01:

@@ -120,10 +120,10 @@ STUDIES = {
         (auto(320), {}, {"n_neighbors": 3}),
         (auto(320), {}, {"n_neighbors": 5}),
     ],
-    # 4. Still no admissible variant: Magnetic Tile's pixel AUROC (false alarms along the
-    # tiles' edges) and BSData's AUPRO (small pits) miss. More context per patch (5 x 5
-    # neighbourhoods), a third tap between the two (blocks.3), and the larger box with
-    # them, around the current defaults (320 box, k = 3).
+    # 4. Still no admissible variant: Magnetic Tile's pixel AUROC and BSData's AUPRO (small
+    # pits) miss. More context per patch (5 x 5 neighbourhoods), a third tap between the
+    # two (blocks.3), and the larger box with them, around the current defaults (320 box,
+    # k = 3). Neither helped (tuning.rst).
     "context": [
         (auto(320, patch_size=5), {}, {"n_neighbors": 3}),
         (auto(384, patch_size=5), {}, {"n_neighbors": 3}),
